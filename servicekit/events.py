@@ -1,0 +1,147 @@
+"""Reliable, idempotent event handling.
+
+``@handles_event_once(source, event_type)`` on a service method ``(self, session, envelope)``:
+
+* validates the envelope (a malformed one is dead-lettered at once: retrying cannot fix it);
+* records the ``event_id`` in ``handled_events`` in the same transaction as the handler's
+  writes, so a redelivered event has no second effect;
+* retries a failing handler with exponential back-off, each attempt a fresh worker and a
+  fresh transaction (the message stays un-acked meanwhile, so a crash loses nothing);
+* after the last attempt, parks the message in a durable dead-letter queue
+  ``dlq.<queue>`` (with the error in its headers) and only then acks it. nameko's default
+  would ack and drop it.
+"""
+import functools
+import logging
+from datetime import datetime, timezone
+
+from kombu import Exchange, Queue
+from marshmallow import ValidationError as SchemaError
+from nameko.amqp.publish import Publisher
+from nameko.constants import PERSISTENT
+from nameko.events import EventHandler
+from sqlalchemy.exc import IntegrityError
+import eventlet
+
+from contracts.errors import HelpdeskError
+from contracts.events import EventEnvelopeSchema
+from servicekit import metrics
+from servicekit.config import settings_from_container
+from servicekit.tables import HANDLED_EVENTS
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_EXCHANGE = Exchange("helpdesk.dead-letter", type="direct", durable=True)
+_envelope_schema = EventEnvelopeSchema()
+
+
+class UnprocessableEvent(Exception):
+    """The message itself is wrong; retrying cannot help."""
+
+
+def dead_letter_queue(queue_name: str) -> Queue:
+    name = f"dlq.{queue_name}"
+    return Queue(name, exchange=DEAD_LETTER_EXCHANGE, routing_key=name, durable=True)
+
+
+class ReliableEventHandler(EventHandler):
+    """A SERVICE_POOL, reliable-delivery event handler that dead-letters instead of dropping."""
+
+    def setup(self):
+        super().setup()
+        settings = settings_from_container(self.container)
+        self.max_attempts = settings.event_max_attempts
+        self.retry_base_seconds = settings.event_retry_base_seconds
+        self.dlq = dead_letter_queue(self.queue.name)
+        self._attempts = {}
+        self._dlq_publisher = Publisher(
+            settings.amqp_uri, use_confirms=True, serializer="json", delivery_mode=PERSISTENT,
+            declare=[DEAD_LETTER_EXCHANGE, self.dlq],
+        )
+
+    def retry_delay(self, attempt: int) -> float:
+        return min(10.0, self.retry_base_seconds * 2 ** (attempt - 1))
+
+    def handle_result(self, message, worker_ctx, result=None, exc_info=None):
+        key = id(message)
+        if exc_info is None:
+            self._attempts.pop(key, None)
+            self.queue_consumer.ack_message(message)
+            return result, exc_info
+        exc = exc_info[1]
+        attempt = self._attempts.get(key, 1)
+        if _retryable(exc) and attempt < self.max_attempts:
+            self._attempts[key] = attempt + 1
+            log.warning("event handler %s failed (attempt %s of %s), retrying: %s",
+                        self.method_name, attempt, self.max_attempts, exc)
+            eventlet.sleep(self.retry_delay(attempt))
+            self.handle_message(message.payload, message)
+            return result, exc_info
+        self._attempts.pop(key, None)
+        self._dead_letter(message, exc)
+        return result, exc_info
+
+    def _dead_letter(self, message, exc):
+        try:
+            headers = dict(message.headers or {})
+            headers.update({
+                "x-dead-letter-reason": "unprocessable" if isinstance(exc, UnprocessableEvent)
+                else "retries_exhausted",
+                "x-error-type": type(exc).__name__,
+                "x-error-message": str(exc)[:1000],
+                "x-original-queue": self.queue.name,
+                "x-dead-lettered-at": datetime.now(timezone.utc).isoformat(),
+            })
+            self._dlq_publisher.publish(
+                message.payload, exchange=DEAD_LETTER_EXCHANGE, routing_key=self.dlq.name,
+                headers=headers,
+            )
+        except Exception:
+            # cannot park it: give it back to the broker rather than lose it
+            log.exception("could not dead-letter a failed event; requeueing it")
+            self.queue_consumer.requeue_message(message)
+            return
+        metrics.EVENTS_DEAD_LETTERED.labels(self.container.service_name, self.method_name).inc()
+        log.error("event parked in %s after failure: %s", self.dlq.name, exc)
+        self.queue_consumer.ack_message(message)
+
+
+def _retryable(exc: BaseException) -> bool:
+    # domain errors and bad payloads are deterministic: same input, same failure
+    return not isinstance(exc, (UnprocessableEvent, HelpdeskError, SchemaError))
+
+
+def handles_event_once(source_service: str, event_type: str, payload_schema=None, db_attr: str = "db"):
+    def decorator(method):
+        handler_name = method.__name__
+
+        @functools.wraps(method)
+        def wrapper(self, body):
+            try:
+                envelope = _envelope_schema.load(body)
+                if payload_schema is not None:
+                    envelope["payload"] = payload_schema().load(envelope["payload"])
+            except (SchemaError, TypeError) as exc:
+                raise UnprocessableEvent(f"malformed event: {exc}") from exc
+            event_id = str(envelope["event_id"])
+            with getattr(self, db_attr).transaction() as session:
+                if not _claim(session, handler_name, event_id):
+                    metrics.EVENTS_DUPLICATE.labels(source_service, handler_name).inc()
+                    log.info("event %s already handled by %s; skipped", event_id, handler_name)
+                    return None
+                return method(self, session, envelope)
+
+        return ReliableEventHandler.decorator(source_service, event_type)(wrapper)
+
+    return decorator
+
+
+def _claim(session, handler_name: str, event_id: str) -> bool:
+    """Insert the (handler, event_id) mark; False if it was already there."""
+    try:
+        with session.begin_nested():
+            session.execute(HANDLED_EVENTS.insert().values(
+                handler=handler_name, event_id=event_id, handled_at=datetime.now(timezone.utc)))
+    except IntegrityError:
+        return False
+    return True

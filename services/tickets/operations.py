@@ -1,0 +1,320 @@
+"""What each tickets RPC does, on a session the caller commits.
+
+Every change: access check -> domain rules -> rows + history -> outbox events, all in the
+caller's transaction, so the record and its announcement never disagree.
+"""
+import hashlib
+import json
+from datetime import datetime, timezone
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from contracts import tickets as contract
+from contracts.events import iso_utc as _iso
+from contracts.errors import Conflict, NotFound, PreconditionFailed, ValidationError
+from servicekit.outbox import add_event
+from services.tickets import access, cursor, domain, store
+from services.tickets.access import Actor
+from services.tickets.models import Comment, IdempotencyKey, Ticket
+from services.tickets.schemas import (comment_view, history_view, ticket_snapshot, ticket_view)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _emit(session: Session, ticket: Ticket, event_type: str, payload: dict) -> None:
+    payload = {"ticket": ticket_snapshot(ticket), **payload}
+    add_event(session, contract.SERVICE, event_type, {"ticket_id": ticket.id}, payload)
+
+
+def request_fingerprint(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --- create ---------------------------------------------------------------------------------
+
+def create_ticket(session: Session, actor: Actor, data: dict, idempotency_key: str | None = None) -> tuple[dict, bool]:
+    """Returns (ticket view, replayed). ``replayed``: the key was seen with the same request."""
+    access.ensure_can_create(actor, data.get("requester_id"))
+    fingerprint = request_fingerprint(data)
+    if idempotency_key:
+        replay = _replay(session, actor, idempotency_key, fingerprint)
+        if replay is not None:
+            return replay, True
+
+    now = _now()
+    requester_id = data.get("requester_id") or actor.id
+    if actor.is_staff:
+        organization_id = data.get("organization_id") if data.get("requester_id") else (
+            data.get("organization_id") or actor.organization_id)
+    else:
+        if data.get("organization_id") not in (None, actor.organization_id):
+            raise ValidationError("requesters file tickets in their own organization",
+                                  {"organization_id": ["must match your organization"]})
+        organization_id = actor.organization_id
+    ticket = Ticket(
+        id=store.new_id(), number=store.next_ticket_number(session), subject=data["subject"],
+        description=data["description"], requester_id=requester_id, organization_id=organization_id,
+        channel=data["channel"], priority=data["priority"],
+        priority_rank=domain.PRIORITY_RANK[data["priority"]], category=data.get("category"),
+        status="new", created_at=now, updated_at=now, version=1,
+    )
+    store.set_tags(ticket, data["tags"])
+    session.add(ticket)
+    session.flush()  # the ticket row first: history and keys reference it
+    store.add_history(session, ticket, actor, "created", {
+        "status": [None, "new"], "priority": [None, ticket.priority],
+        "subject": [None, ticket.subject], "category": [None, ticket.category],
+        "tags": [None, data["tags"]],
+    }, now)
+    if idempotency_key:
+        session.add(IdempotencyKey(actor_id=actor.id, key=idempotency_key, request_hash=fingerprint,
+                                   ticket_id=ticket.id, created_at=now))
+    try:
+        session.flush()
+    except IntegrityError:
+        # the same key raced us from another request: the winner's ticket is the answer
+        session.rollback()
+        if idempotency_key:
+            replay = _replay(session, actor, idempotency_key, fingerprint)
+            if replay is not None:
+                return replay, True
+        raise
+    _emit(session, ticket, contract.TICKET_CREATED, {"actor_id": actor.id})
+    return ticket_view(ticket), False
+
+
+def _replay(session, actor, key, fingerprint) -> dict | None:
+    seen = store.find_idempotency_key(session, actor.id, key)
+    if seen is None:
+        return None
+    if seen.request_hash != fingerprint:
+        raise ValidationError(
+            "this Idempotency-Key was already used with a different request body",
+            {"idempotency_key": ["reused with a different body"]})
+    return ticket_view(store.get_ticket(session, seen.ticket_id))
+
+
+# --- read -----------------------------------------------------------------------------------
+
+def _readable_ticket(session: Session, actor: Actor, ticket_id: str, for_update: bool = False) -> Ticket:
+    ticket = store.get_ticket(session, ticket_id, for_update=for_update)
+    access.ensure_readable(actor, ticket)
+    return ticket
+
+
+def get_ticket(session: Session, actor: Actor, ticket_id: str) -> dict:
+    return ticket_view(_readable_ticket(session, actor, ticket_id))
+
+
+def list_tickets(session: Session, actor: Actor, filters: dict) -> dict:
+    sort, limit = filters["sort"], filters["limit"]
+    after = None
+    if filters.get("cursor"):
+        value, number = cursor.decode(filters["cursor"], sort)
+        after = (_cursor_value(sort, value), number)
+    visibility = access.visibility_condition(actor, Ticket)
+    rows = store.list_tickets(session, filters, visibility, after, sort, limit)
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        next_cursor = cursor.encode(sort, _sort_value(sort, last), last.number)
+    return {"items": [ticket_view(t) for t in rows], "next_cursor": next_cursor}
+
+
+def _sort_value(sort: str, ticket: Ticket):
+    key = sort.lstrip("-")
+    if key in ("created_at", "updated_at"):
+        return getattr(ticket, key).isoformat()
+    if key == "priority":
+        return ticket.priority_rank
+    return ticket.number
+
+
+def _cursor_value(sort: str, value):
+    key = sort.lstrip("-")
+    try:
+        if key in ("created_at", "updated_at"):
+            parsed = datetime.fromisoformat(value)
+            if parsed.tzinfo is None:
+                raise ValueError("naive")
+            return parsed
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValidationError("malformed cursor", {"cursor": ["not a cursor this API issued"]})
+
+
+# --- change ---------------------------------------------------------------------------------
+
+def _lock_version(session, ticket, expected_version, now):
+    if expected_version is not None and ticket.version != expected_version:
+        raise PreconditionFailed(
+            f"the ticket changed since you read it (version {ticket.version}, you sent {expected_version})",
+            {"version": [f"current version is {ticket.version}"]})
+    if not store.bump_version(session, ticket, expected_version, now):
+        raise PreconditionFailed("the ticket changed while this update was applied; read it again")
+
+
+def update_ticket(session: Session, actor: Actor, ticket_id: str, changes: dict,
+                  expected_version: int | None = None) -> dict:
+    if not changes:
+        raise ValidationError("nothing to update", {"_schema": ["send at least one field"]})
+    ticket = _readable_ticket(session, actor, ticket_id, for_update=True)
+    access.ensure_can_edit(actor, set(changes))
+    if ticket.status == "closed":
+        raise Conflict("closed tickets cannot be changed", {"status": ["ticket is closed"]})
+    now = _now()
+    diff = {}
+    for field in ("subject", "description", "priority", "category"):
+        if field in changes and changes[field] != getattr(ticket, field):
+            diff[field] = [getattr(ticket, field), changes[field]]
+    if "tags" in changes and changes["tags"] != ticket.tags:
+        diff["tags"] = [ticket.tags, changes["tags"]]
+    new_status = changes.get("status", ticket.status)
+    domain.check_transition(ticket.status, new_status)
+    if new_status != ticket.status:
+        diff["status"] = [ticket.status, new_status]
+    if not diff:
+        return ticket_view(ticket)  # nothing changed: no version bump, no event
+    _lock_version(session, ticket, expected_version, now)
+
+    for field in ("subject", "description", "priority", "category"):
+        if field in diff:
+            setattr(ticket, field, changes[field])
+    if "priority" in diff:
+        ticket.priority_rank = domain.PRIORITY_RANK[ticket.priority]
+    if "tags" in diff:
+        store.set_tags(ticket, changes["tags"])
+    if "status" in diff:
+        _apply_status(ticket, new_status, now)
+
+    history_changes = {k: v for k, v in diff.items() if k != "description"}
+    if "description" in diff:
+        history_changes["description"] = ["(previous)", "(edited)"]
+    store.add_history(session, ticket, actor, "updated", history_changes, now)
+    field_changes = {k: v for k, v in history_changes.items() if k != "status"}
+    if field_changes:
+        _emit(session, ticket, contract.TICKET_UPDATED, {"actor_id": actor.id, "changes": field_changes})
+    if "status" in diff:
+        _emit(session, ticket, contract.TICKET_STATUS_CHANGED, {
+            "actor_id": actor.id, "old_status": diff["status"][0], "new_status": new_status,
+            "reason": "agent" if actor.is_staff else "requester"})
+    return ticket_view(ticket)
+
+
+def _apply_status(ticket: Ticket, status: str, now: datetime) -> None:
+    ticket.status = status
+    if status == "solved":
+        ticket.solved_at = now
+    elif status == "closed":
+        ticket.closed_at = now
+    elif status == "open" and ticket.solved_at is not None:
+        ticket.solved_at = None  # reopened
+
+
+def assign_ticket(session: Session, actor: Actor, ticket_id: str, assignee_id: str | None,
+                  group: str | None = None, expected_version: int | None = None) -> dict:
+    access.ensure_can_assign(actor)
+    ticket = _readable_ticket(session, actor, ticket_id, for_update=True)
+    if ticket.status == "closed":
+        raise Conflict("closed tickets cannot be reassigned", {"status": ["ticket is closed"]})
+    if assignee_id == ticket.assignee_id and (group is None or group == ticket.group_name):
+        return ticket_view(ticket)  # idempotent: routing may retry the call
+    now = _now()
+    _lock_version(session, ticket, expected_version, now)
+    changes = {"assignee_id": [ticket.assignee_id, assignee_id]}
+    if group is not None and group != ticket.group_name:
+        changes["group"] = [ticket.group_name, group]
+        ticket.group_name = group
+    old_assignee = ticket.assignee_id
+    ticket.assignee_id = assignee_id
+    old_status = ticket.status
+    if assignee_id is not None:
+        new_status = domain.status_after_assignment(ticket.status)
+        if new_status != old_status:
+            changes["status"] = [old_status, new_status]
+            _apply_status(ticket, new_status, now)
+    store.add_history(session, ticket, actor, "assigned" if assignee_id else "unassigned", changes, now)
+    _emit(session, ticket, contract.TICKET_ASSIGNED, {
+        "actor_id": actor.id, "old_assignee_id": old_assignee, "new_assignee_id": assignee_id,
+        "group": ticket.group_name})
+    if "status" in changes:
+        _emit(session, ticket, contract.TICKET_STATUS_CHANGED, {
+            "actor_id": actor.id, "old_status": old_status, "new_status": ticket.status,
+            "reason": "assignment"})
+    return ticket_view(ticket)
+
+
+def add_comment(session: Session, actor: Actor, ticket_id: str, body: str, public: bool) -> dict:
+    ticket = _readable_ticket(session, actor, ticket_id, for_update=True)
+    access.ensure_can_comment(actor, public)
+    now = _now()
+    old_status = ticket.status
+    new_status = old_status
+    if actor.role == "requester":
+        new_status = domain.status_after_requester_reply(old_status)
+    elif old_status == "closed":
+        raise Conflict("this ticket is closed; open a new ticket to follow up",
+                       {"ticket": ["closed tickets accept no comments"]})
+    _lock_version(session, ticket, None, now)
+    comment = Comment(id=store.new_id(), ticket_id=ticket.id, author_id=actor.id,
+                      author_role=actor.role, body=body, public=public, created_at=now)
+    session.add(comment)
+    changes = {"comment_id": [None, comment.id], "public": [None, public]}
+    if domain.is_first_response(actor.role, public, ticket.first_responded_at is not None):
+        ticket.first_responded_at = now
+    if new_status != old_status:
+        _apply_status(ticket, new_status, now)
+        changes["status"] = [old_status, new_status]
+    store.add_history(session, ticket, actor, "commented" if public else "noted", changes, now, public=public)
+    _emit(session, ticket, contract.COMMENT_ADDED, {
+        "comment_id": comment.id, "author_id": actor.id, "author_role": actor.role, "public": public})
+    if new_status != old_status:
+        _emit(session, ticket, contract.TICKET_STATUS_CHANGED, {
+            "actor_id": actor.id, "old_status": old_status, "new_status": new_status,
+            "reason": "requester_reply"})
+    return comment_view(comment)
+
+
+def list_comments(session: Session, actor: Actor, ticket_id: str) -> dict:
+    ticket = _readable_ticket(session, actor, ticket_id)
+    comments = store.list_comments(session, ticket.id, access.sees_internal_notes(actor))
+    return {"items": [comment_view(c) for c in comments]}
+
+
+def get_history(session: Session, actor: Actor, ticket_id: str) -> dict:
+    """The change log plus what it tells: time in each status, who had it and how long."""
+    ticket = _readable_ticket(session, actor, ticket_id)
+    entries = store.list_history(session, ticket.id, include_internal=True)
+    timeline = [(e.occurred_at, e.changes) for e in entries]
+    now = _now()
+    status_periods = domain.periods_of("status", "new", ticket.created_at, timeline)
+    assignee_periods = domain.periods_of("assignee_id", None, ticket.created_at, timeline)
+    include_internal = access.sees_internal_notes(actor)
+    return {
+        "items": [history_view(e) for e in entries if include_internal or e.public],
+        "time_in_status": domain.time_in_status(status_periods, now),
+        "assignment_periods": [
+            {**p, "started_at": _iso(p["started_at"]), "ended_at": _iso(p["ended_at"])}
+            for p in domain.assignment_periods(assignee_periods, now)
+        ],
+    }
+
+
+def apply_sla_due_dates(session: Session, ticket_id: str, due: dict) -> None:
+    """Mirror SLA due dates announced by the sla service (an event, handled once)."""
+    ticket = store.get_ticket(session, ticket_id, for_update=True)
+    if ticket is None:
+        raise NotFound(f"ticket {ticket_id} not found")
+    changes = {}
+    for field in ("first_response_due_at", "resolution_due_at"):
+        if field in due and due[field] != getattr(ticket, field):
+            changes[field] = [_iso(getattr(ticket, field)), _iso(due[field])]
+            setattr(ticket, field, due[field])
+    if changes:
+        now = _now()
+        store.bump_version(session, ticket, None, now)
+        store.add_history(session, ticket, Actor("sla", "admin"), "sla_updated", changes, now)

@@ -1,0 +1,138 @@
+"""nameko entrypoints of the tickets service. Each validates its input and calls operations."""
+import json
+
+import eventlet
+from sqlalchemy import text
+from marshmallow import ValidationError as SchemaError
+from nameko.rpc import RpcProxy, rpc
+from nameko.web.handlers import http
+
+from contracts import tickets as contract
+from contracts.errors import ValidationError
+from servicekit.context import RequestContext
+from servicekit.db import Database
+from servicekit.events import handles_event_once
+from servicekit.metrics import EntrypointMetrics, metrics_response
+from services.tickets import operations, schemas
+from services.tickets.access import Actor
+
+_actor_schema = contract.ActorSchema()
+_create_schema = schemas.CreateTicketSchema()
+_update_schema = schemas.UpdateTicketSchema()
+_assign_schema = schemas.AssignSchema()
+_comment_schema = schemas.CommentSchema()
+_list_schema = schemas.ListTicketsSchema()
+_sla_schema = contract.TicketSlaUpdatedPayload
+
+
+def _load(schema, data) -> dict:
+    try:
+        return schema.load(data if data is not None else {})
+    except SchemaError as exc:
+        raise ValidationError("invalid request", exc.normalized_messages())
+
+
+def _actor(data) -> Actor:
+    return Actor.from_dict(_load(_actor_schema, data))
+
+
+def _version(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError("expected_version must be a positive integer",
+                              {"expected_version": ["positive integer"]})
+    return value
+
+
+class TicketsService:
+    name = contract.SERVICE
+
+    db = Database()
+    metrics = EntrypointMetrics()
+    request_id = RequestContext()
+    self_rpc = RpcProxy(contract.SERVICE)
+
+    @rpc
+    def create_ticket(self, actor, data, idempotency_key=None):
+        actor, data = _actor(actor), _load(_create_schema, data)
+        if idempotency_key is not None and (not isinstance(idempotency_key, str)
+                                            or not 1 <= len(idempotency_key) <= 200):
+            raise ValidationError("idempotency_key must be 1-200 characters",
+                                  {"idempotency_key": ["1-200 characters"]})
+        with self.db.transaction() as session:
+            ticket, replayed = operations.create_ticket(session, actor, data, idempotency_key)
+        return {"ticket": ticket, "replayed": replayed}
+
+    @rpc
+    def get_ticket(self, actor, ticket_id):
+        with self.db.read() as session:
+            return operations.get_ticket(session, _actor(actor), ticket_id)
+
+    @rpc
+    def list_tickets(self, actor, filters=None):
+        actor, filters = _actor(actor), _load(_list_schema, filters)
+        with self.db.read() as session:
+            return operations.list_tickets(session, actor, filters)
+
+    @rpc
+    def update_ticket(self, actor, ticket_id, changes, expected_version=None):
+        actor, changes = _actor(actor), _load(_update_schema, changes)
+        with self.db.transaction() as session:
+            return operations.update_ticket(session, actor, ticket_id, changes, _version(expected_version))
+
+    @rpc
+    def assign_ticket(self, actor, ticket_id, assignee_id, group=None, expected_version=None):
+        actor = _actor(actor)
+        data = _load(_assign_schema, {"assignee_id": assignee_id, "group": group})
+        with self.db.transaction() as session:
+            return operations.assign_ticket(session, actor, ticket_id, data["assignee_id"], data["group"],
+                                            _version(expected_version))
+
+    @rpc
+    def unassign_ticket(self, actor, ticket_id, expected_version=None):
+        return self.assign_ticket(actor, ticket_id, None, None, expected_version)
+
+    @rpc
+    def add_comment(self, actor, ticket_id, data):
+        actor, data = _actor(actor), _load(_comment_schema, data)
+        with self.db.transaction() as session:
+            return operations.add_comment(session, actor, ticket_id, data["body"], data["public"])
+
+    @rpc
+    def list_comments(self, actor, ticket_id):
+        with self.db.read() as session:
+            return operations.list_comments(session, _actor(actor), ticket_id)
+
+    @rpc
+    def get_history(self, actor, ticket_id):
+        with self.db.read() as session:
+            return operations.get_history(session, _actor(actor), ticket_id)
+
+    @handles_event_once(contract.SLA_SOURCE, contract.TICKET_SLA_UPDATED, payload_schema=_sla_schema)
+    def on_ticket_sla_updated(self, session, envelope):
+        payload = envelope["payload"]
+        operations.apply_sla_due_dates(session, payload["ticket_id"], payload)
+
+    @rpc
+    def health_ping(self):
+        return "pong"
+
+    @http("GET", "/metrics")
+    def metrics_endpoint(self, request):
+        return metrics_response()
+
+    @http("GET", "/livez")
+    def livez(self, request):
+        return 200, json.dumps({"status": "alive"})
+
+    @http("GET", "/readyz")
+    def readyz(self, request):
+        try:
+            with eventlet.Timeout(2):
+                self.self_rpc.health_ping()
+            with self.db.read() as session:
+                session.execute(text("SELECT 1"))
+        except (eventlet.Timeout, Exception) as exc:  # Timeout is a BaseException
+            return 503, json.dumps({"status": "unavailable", "reason": type(exc).__name__})
+        return 200, json.dumps({"status": "ready"})

@@ -1,0 +1,123 @@
+"""Queries and writes on the tickets service's tables (repository style)."""
+import uuid
+from datetime import datetime
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from services.tickets.models import Comment, Counter, HistoryEntry, IdempotencyKey, Ticket, TicketTag
+
+SORT_COLUMNS = {
+    "created_at": Ticket.created_at,
+    "updated_at": Ticket.updated_at,
+    "priority": Ticket.priority_rank,
+    "number": Ticket.number,
+}
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def next_ticket_number(session: Session) -> int:
+    # one row-locked increment: unique across replicas on PostgreSQL, serialised on SQLite
+    return session.execute(
+        update(Counter).where(Counter.name == "ticket_number")
+        .values(value=Counter.value + 1).returning(Counter.value)
+    ).scalar_one()
+
+
+def get_ticket(session: Session, ticket_id: str, for_update: bool = False) -> Ticket | None:
+    try:
+        uuid.UUID(ticket_id)
+    except (ValueError, AttributeError, TypeError):
+        return None
+    query = select(Ticket).where(Ticket.id == ticket_id)
+    if for_update:
+        query = query.with_for_update()
+    return session.execute(query).scalar_one_or_none()
+
+
+def set_tags(ticket: Ticket, tags: list[str]) -> None:
+    ticket.tag_rows = [TicketTag(ticket_id=ticket.id, tag=tag) for tag in tags]
+
+
+def add_history(session: Session, ticket: Ticket, actor, action: str, changes: dict,
+                at: datetime, public: bool = True) -> None:
+    session.add(HistoryEntry(ticket_id=ticket.id, occurred_at=at, actor_id=actor.id,
+                             actor_role=actor.role, action=action, changes=changes, public=public))
+
+
+def bump_version(session: Session, ticket: Ticket, expected_version: int | None, at: datetime) -> bool:
+    """Compare-and-set the version in SQL so concurrent writers cannot both win."""
+    condition = Ticket.id == ticket.id
+    if expected_version is not None:
+        condition = and_(condition, Ticket.version == expected_version)
+    result = session.execute(
+        update(Ticket).where(condition).values(version=Ticket.version + 1, updated_at=at)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    ticket.version = (expected_version if expected_version is not None else ticket.version) + 1
+    ticket.updated_at = at
+    return True
+
+
+def list_tickets(session: Session, filters: dict, visibility, after: tuple | None, sort: str, limit: int):
+    descending = sort.startswith("-")
+    column = SORT_COLUMNS[sort.lstrip("-")]
+    query = select(Ticket)
+    if visibility is not None:
+        query = query.where(visibility)
+    if filters.get("status"):
+        query = query.where(Ticket.status.in_(filters["status"]))
+    if filters.get("priority"):
+        query = query.where(Ticket.priority.in_(filters["priority"]))
+    if filters.get("assignee_id"):
+        query = query.where(Ticket.assignee_id == filters["assignee_id"])
+    if filters.get("unassigned") is True:
+        query = query.where(Ticket.assignee_id.is_(None))
+    elif filters.get("unassigned") is False:
+        query = query.where(Ticket.assignee_id.is_not(None))
+    for key in ("requester_id", "organization_id", "category"):
+        if filters.get(key):
+            query = query.where(getattr(Ticket, key) == filters[key])
+    if filters.get("tag"):
+        query = query.where(Ticket.id.in_(select(TicketTag.ticket_id).where(TicketTag.tag == filters["tag"])))
+    if filters.get("created_after"):
+        query = query.where(Ticket.created_at >= filters["created_after"])
+    if filters.get("created_before"):
+        query = query.where(Ticket.created_at < filters["created_before"])
+    if filters.get("updated_after"):
+        query = query.where(Ticket.updated_at >= filters["updated_after"])
+    if filters.get("updated_before"):
+        query = query.where(Ticket.updated_at < filters["updated_before"])
+    if after is not None:
+        value, number = after
+        if column is Ticket.number:
+            query = query.where(Ticket.number < number if descending else Ticket.number > number)
+        elif descending:
+            query = query.where(or_(column < value, and_(column == value, Ticket.number < number)))
+        else:
+            query = query.where(or_(column > value, and_(column == value, Ticket.number > number)))
+    order = (column.desc(), Ticket.number.desc()) if descending else (column.asc(), Ticket.number.asc())
+    return list(session.execute(query.order_by(*order).limit(limit + 1)).scalars())
+
+
+def list_comments(session: Session, ticket_id: str, include_internal: bool) -> list[Comment]:
+    query = select(Comment).where(Comment.ticket_id == ticket_id)
+    if not include_internal:
+        query = query.where(Comment.public.is_(True))
+    return list(session.execute(query.order_by(Comment.created_at, Comment.id)).scalars())
+
+
+def list_history(session: Session, ticket_id: str, include_internal: bool) -> list[HistoryEntry]:
+    query = select(HistoryEntry).where(HistoryEntry.ticket_id == ticket_id)
+    if not include_internal:
+        query = query.where(HistoryEntry.public.is_(True))
+    return list(session.execute(query.order_by(HistoryEntry.id)).scalars())
+
+
+def find_idempotency_key(session: Session, actor_id: str, key: str) -> IdempotencyKey | None:
+    return session.get(IdempotencyKey, (actor_id, key))
