@@ -4,12 +4,13 @@ import json
 import eventlet
 from sqlalchemy import text
 from marshmallow import ValidationError as SchemaError
-from nameko.rpc import RpcProxy, rpc
+from nameko.rpc import RpcProxy
 from nameko.web.handlers import http
 
 from contracts import tickets as contract
 from contracts.errors import ValidationError
 from servicekit.context import RequestContext
+from servicekit.entrypoints import rpc
 from servicekit.db import Database
 from servicekit.events import handles_event_once
 from servicekit.metrics import EntrypointMetrics, metrics_response

@@ -1,0 +1,117 @@
+"""Bearer JWT authentication.
+
+Embedded default: HS256 with a shared secret (``make token`` mints tokens). Production: set
+``HELPDESK_GATEWAY_JWKS_URL`` to the identity provider's JWKS; RS256/ES256 tokens are verified
+against its keys. Issuer and audience are always checked.
+
+Claims used: ``sub`` (user id), ``role`` (requester|agent|supervisor|admin|viewer), ``org``
+(organization id, optional), ``org_wide`` (a requester sees their organization's tickets).
+"""
+import os
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from contracts.tickets import ROLES
+
+EMBEDDED_SECRET = "helpdesk-embedded-development-secret-change-me"
+EMBEDDED_ISSUER = "helpdesk-embedded"
+EMBEDDED_AUDIENCE = "helpdesk-api"
+
+
+class AuthError(Exception):
+    """The request is not authenticated (HTTP 401)."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    sub: str
+    role: str
+    organization_id: str | None
+    org_wide: bool
+    token_id: str  # what rate limits key on
+
+    def as_actor(self) -> dict:
+        return {"id": self.sub, "role": self.role, "organization_id": self.organization_id,
+                "org_wide": self.org_wide}
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    secret: str
+    issuer: str
+    audience: str
+    jwks_url: str | None
+    algorithms: tuple[str, ...]
+    leeway_seconds: int
+
+    @classmethod
+    def load(cls) -> "AuthSettings":
+        jwks_url = os.environ.get("HELPDESK_GATEWAY_JWKS_URL") or None
+        default_algorithms = "RS256,ES256" if jwks_url else "HS256"
+        return cls(
+            secret=os.environ.get("HELPDESK_GATEWAY_JWT_SECRET", EMBEDDED_SECRET),
+            issuer=os.environ.get("HELPDESK_GATEWAY_JWT_ISSUER", EMBEDDED_ISSUER),
+            audience=os.environ.get("HELPDESK_GATEWAY_JWT_AUDIENCE", EMBEDDED_AUDIENCE),
+            jwks_url=jwks_url,
+            algorithms=tuple(a.strip() for a in os.environ.get(
+                "HELPDESK_GATEWAY_JWT_ALGORITHMS", default_algorithms).split(",") if a.strip()),
+            leeway_seconds=int(os.environ.get("HELPDESK_GATEWAY_JWT_LEEWAY_SECONDS", 30)),
+        )
+
+
+class Authenticator:
+    def __init__(self, settings: AuthSettings):
+        self.settings = settings
+        self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=300) if settings.jwks_url else None
+
+    def authenticate(self, authorization_header: str | None) -> Identity:
+        if not authorization_header:
+            raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+        scheme, _, token = authorization_header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("the Authorization header must be 'Bearer <token>'")
+        token = token.strip()
+        try:
+            key = self._jwks.get_signing_key_from_jwt(token).key if self._jwks else self.settings.secret
+            claims = jwt.decode(
+                token, key, algorithms=list(self.settings.algorithms),
+                audience=self.settings.audience, issuer=self.settings.issuer,
+                leeway=self.settings.leeway_seconds,
+                options={"require": ["sub", "exp", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("the token has expired")
+        except jwt.PyJWKClientError as exc:
+            raise AuthError(f"the token's signing key is unknown: {exc}")
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"invalid token: {exc}")
+        role = claims.get("role")
+        if role not in ROLES:
+            raise AuthError(f"the token's role must be one of {', '.join(ROLES)}")
+        sub = claims["sub"]
+        org = claims.get("org")
+        if not isinstance(sub, str) or not sub or len(sub) > 200:
+            raise AuthError("the token's sub must be a non-empty string")
+        if org is not None and (not isinstance(org, str) or not org or len(org) > 200):
+            raise AuthError("the token's org must be a non-empty string")
+        return Identity(sub=sub, role=role, organization_id=org,
+                        org_wide=bool(claims.get("org_wide")) and role == "requester",
+                        token_id=claims.get("jti") or f"{sub}:{role}")
+
+
+def mint_token(sub: str, role: str, org: str | None = None, org_wide: bool = False,
+               ttl_seconds: int = 86400, settings: AuthSettings | None = None) -> str:
+    """An HS256 token for the embedded secret (development, tests, the README tour)."""
+    settings = settings or AuthSettings.load()
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    now = int(time.time())
+    claims = {"sub": sub, "role": role, "iss": settings.issuer, "aud": settings.audience,
+              "iat": now, "exp": now + ttl_seconds}
+    if org:
+        claims["org"] = org
+    if org_wide:
+        claims["org_wide"] = True
+    return jwt.encode(claims, settings.secret, algorithm="HS256")
