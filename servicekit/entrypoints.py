@@ -1,9 +1,16 @@
 """Entrypoint decorators with our defaults."""
-from functools import partial
-
 from nameko.rpc import rpc as _nameko_rpc
 
 from contracts.errors import TYPED_ERRORS
 
-# typed domain errors are answers, not crashes: nameko logs them as expected, not as errors
-rpc = partial(_nameko_rpc, expected_exceptions=TYPED_ERRORS)
+
+def rpc(fn=None, **options):
+    """nameko ``@rpc`` whose typed domain errors are answers, not crashes.
+
+    nameko logs exceptions listed in ``expected_exceptions`` as expected instead of as
+    worker errors. Usable as ``@rpc`` or ``@rpc(...)``.
+    """
+    options.setdefault("expected_exceptions", TYPED_ERRORS)
+    if fn is None:
+        return _nameko_rpc(**options)
+    return _nameko_rpc(**options)(fn)
