@@ -15,7 +15,8 @@ from contracts.errors import Forbidden, NotFound
 from contracts.tickets import STAFF_ROLES
 
 REQUESTER_EDITABLE = frozenset({"subject", "description"})
-STAFF_EDITABLE = frozenset({"subject", "description", "priority", "category", "tags", "status"})
+STAFF_EDITABLE = frozenset({"subject", "description", "priority", "category", "tags", "status",
+                            "assignee_id", "group"})
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,7 @@ class IdempotencyKey(Base):
 
     actor_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    operation: Mapped[str] = mapped_column(String(50))  # create_ticket, add_comment
     request_hash: Mapped[str] = mapped_column(String(64))
-    ticket_id: Mapped[str] = mapped_column(String(36))
+    resource_id: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -38,11 +38,10 @@ def request_fingerprint(data: dict) -> str:
 def create_ticket(session: Session, actor: Actor, data: dict, idempotency_key: str | None = None) -> tuple[dict, bool]:
     """Returns (ticket view, replayed). ``replayed``: the key was seen with the same request."""
     access.ensure_can_create(actor, data.get("requester_id"))
-    fingerprint = request_fingerprint(data)
-    if idempotency_key:
-        replay = _replay(session, actor, idempotency_key, fingerprint)
-        if replay is not None:
-            return replay, True
+    fingerprint = request_fingerprint({"operation": "create_ticket", **data})
+    replay = _replay(session, actor, idempotency_key, "create_ticket", fingerprint)
+    if replay is not None:
+        return ticket_view(store.get_ticket(session, replay)), True
 
     now = _now()
     requester_id = data.get("requester_id") or actor.id
@@ -63,38 +62,48 @@ def create_ticket(session: Session, actor: Actor, data: dict, idempotency_key: s
     )
     store.set_tags(ticket, data["tags"])
     session.add(ticket)
-    session.flush()  # the ticket row first: history and keys reference it
+    session.flush()  # the ticket row first: history references it
     store.add_history(session, ticket, actor, "created", {
         "status": [None, "new"], "priority": [None, ticket.priority],
         "subject": [None, ticket.subject], "category": [None, ticket.category],
         "tags": [None, data["tags"]],
     }, now)
-    if idempotency_key:
-        session.add(IdempotencyKey(actor_id=actor.id, key=idempotency_key, request_hash=fingerprint,
-                                   ticket_id=ticket.id, created_at=now))
-    try:
-        session.flush()
-    except IntegrityError:
-        # the same key raced us from another request: the winner's ticket is the answer
-        session.rollback()
-        if idempotency_key:
-            replay = _replay(session, actor, idempotency_key, fingerprint)
-            if replay is not None:
-                return replay, True
-        raise
+    replay = _remember(session, actor, idempotency_key, "create_ticket", fingerprint, ticket.id, now)
+    if replay is not None:
+        return ticket_view(store.get_ticket(session, replay)), True
     _emit(session, ticket, contract.TICKET_CREATED, {"actor_id": actor.id})
     return ticket_view(ticket), False
 
 
-def _replay(session, actor, key, fingerprint) -> dict | None:
+def _replay(session, actor, key, operation, fingerprint) -> str | None:
+    """The id a previous request with this key produced, if any (same body required)."""
+    if not key:
+        return None
     seen = store.find_idempotency_key(session, actor.id, key)
     if seen is None:
         return None
-    if seen.request_hash != fingerprint:
+    if seen.operation != operation or seen.request_hash != fingerprint:
         raise ValidationError(
-            "this Idempotency-Key was already used with a different request body",
-            {"idempotency_key": ["reused with a different body"]})
-    return ticket_view(store.get_ticket(session, seen.ticket_id))
+            "this Idempotency-Key was already used with a different request",
+            {"idempotency_key": ["reused with a different body or endpoint"]})
+    return seen.resource_id
+
+
+def _remember(session, actor, key, operation, fingerprint, resource_id, now) -> str | None:
+    """Record the key; if a concurrent request with the same key won, return its resource id."""
+    if not key:
+        return None
+    try:
+        with session.begin_nested():
+            session.add(IdempotencyKey(actor_id=actor.id, key=key, operation=operation,
+                                       request_hash=fingerprint, resource_id=resource_id, created_at=now))
+    except IntegrityError:
+        session.rollback()  # drop our half-done work; the winner's result is the answer
+        replay = _replay(session, actor, key, operation, fingerprint)
+        if replay is None:
+            raise
+        return replay
+    return None
 
 
 # --- read -----------------------------------------------------------------------------------
@@ -158,50 +167,62 @@ def _lock_version(session, ticket, expected_version, now):
         raise PreconditionFailed("the ticket changed while this update was applied; read it again")
 
 
+EDITABLE_FIELDS = ("subject", "description", "priority", "category")
+
+
 def update_ticket(session: Session, actor: Actor, ticket_id: str, changes: dict,
                   expected_version: int | None = None) -> dict:
+    """Fields, status and (staff) assignment in one transaction and one version step."""
     if not changes:
         raise ValidationError("nothing to update", {"_schema": ["send at least one field"]})
     ticket = _readable_ticket(session, actor, ticket_id, for_update=True)
     access.ensure_can_edit(actor, set(changes))
     if ticket.status == "closed":
         raise Conflict("closed tickets cannot be changed", {"status": ["ticket is closed"]})
-    now = _now()
-    diff = {}
-    for field in ("subject", "description", "priority", "category"):
-        if field in changes and changes[field] != getattr(ticket, field):
-            diff[field] = [getattr(ticket, field), changes[field]]
+
+    field_diff = {f: [getattr(ticket, f), changes[f]] for f in EDITABLE_FIELDS
+                  if f in changes and changes[f] != getattr(ticket, f)}
     if "tags" in changes and changes["tags"] != ticket.tags:
-        diff["tags"] = [ticket.tags, changes["tags"]]
-    new_status = changes.get("status", ticket.status)
-    domain.check_transition(ticket.status, new_status)
-    if new_status != ticket.status:
-        diff["status"] = [ticket.status, new_status]
-    if not diff:
+        field_diff["tags"] = [ticket.tags, changes["tags"]]
+    new_assignee = changes.get("assignee_id", ticket.assignee_id)
+    assigning = new_assignee != ticket.assignee_id or (
+        changes.get("group") is not None and changes["group"] != ticket.group_name)
+    status_before = ticket.status
+    # an assignment opens a new ticket first; an explicit status then has the last word
+    status_after_assignment = (domain.status_after_assignment(status_before)
+                               if assigning and new_assignee is not None else status_before)
+    wanted_status = changes.get("status", status_after_assignment)
+    domain.check_transition(status_after_assignment, wanted_status)
+    if not field_diff and not assigning and wanted_status == status_before:
         return ticket_view(ticket)  # nothing changed: no version bump, no event
+
+    now = _now()
     _lock_version(session, ticket, expected_version, now)
-
-    for field in ("subject", "description", "priority", "category"):
-        if field in diff:
+    for field in EDITABLE_FIELDS:
+        if field in field_diff:
             setattr(ticket, field, changes[field])
-    if "priority" in diff:
+    if "priority" in field_diff:
         ticket.priority_rank = domain.PRIORITY_RANK[ticket.priority]
-    if "tags" in diff:
+    if "tags" in field_diff:
         store.set_tags(ticket, changes["tags"])
-    if "status" in diff:
-        _apply_status(ticket, new_status, now)
 
-    history_changes = {k: v for k, v in diff.items() if k != "description"}
-    if "description" in diff:
-        history_changes["description"] = ["(previous)", "(edited)"]
-    store.add_history(session, ticket, actor, "updated", history_changes, now)
-    field_changes = {k: v for k, v in history_changes.items() if k != "status"}
-    if field_changes:
-        _emit(session, ticket, contract.TICKET_UPDATED, {"actor_id": actor.id, "changes": field_changes})
-    if "status" in diff:
+    history = dict(field_diff)
+    if "description" in history:
+        history["description"] = ["(previous)", "(edited)"]  # bodies stay out of history
+    if assigning:
+        history.update(_assign(session, actor, ticket, new_assignee, changes.get("group"), now))
+    if wanted_status != ticket.status:
+        old_status = ticket.status
+        _apply_status(ticket, wanted_status, now)
         _emit(session, ticket, contract.TICKET_STATUS_CHANGED, {
-            "actor_id": actor.id, "old_status": diff["status"][0], "new_status": new_status,
+            "actor_id": actor.id, "old_status": old_status, "new_status": wanted_status,
             "reason": "agent" if actor.is_staff else "requester"})
+    if ticket.status != status_before:
+        history["status"] = [status_before, ticket.status]
+    store.add_history(session, ticket, actor, "updated", history, now)
+    announced = {k: v for k, v in history.items() if k not in ("status", "assignee_id", "group")}
+    if announced:
+        _emit(session, ticket, contract.TICKET_UPDATED, {"actor_id": actor.id, "changes": announced})
     return ticket_view(ticket)
 
 
@@ -225,7 +246,16 @@ def assign_ticket(session: Session, actor: Actor, ticket_id: str, assignee_id: s
         return ticket_view(ticket)  # idempotent: routing may retry the call
     now = _now()
     _lock_version(session, ticket, expected_version, now)
-    changes = {"assignee_id": [ticket.assignee_id, assignee_id]}
+    changes = _assign(session, actor, ticket, assignee_id, group, now)
+    store.add_history(session, ticket, actor, "assigned" if assignee_id else "unassigned", changes, now)
+    return ticket_view(ticket)
+
+
+def _assign(session, actor, ticket, assignee_id, group, now) -> dict:
+    """Apply an assignment (version already taken) and announce it; returns the changes."""
+    changes = {}
+    if assignee_id != ticket.assignee_id:
+        changes["assignee_id"] = [ticket.assignee_id, assignee_id]
     if group is not None and group != ticket.group_name:
         changes["group"] = [ticket.group_name, group]
         ticket.group_name = group
@@ -237,7 +267,6 @@ def assign_ticket(session: Session, actor: Actor, ticket_id: str, assignee_id: s
         if new_status != old_status:
             changes["status"] = [old_status, new_status]
             _apply_status(ticket, new_status, now)
-    store.add_history(session, ticket, actor, "assigned" if assignee_id else "unassigned", changes, now)
     _emit(session, ticket, contract.TICKET_ASSIGNED, {
         "actor_id": actor.id, "old_assignee_id": old_assignee, "new_assignee_id": assignee_id,
         "group": ticket.group_name})
@@ -245,12 +274,19 @@ def assign_ticket(session: Session, actor: Actor, ticket_id: str, assignee_id: s
         _emit(session, ticket, contract.TICKET_STATUS_CHANGED, {
             "actor_id": actor.id, "old_status": old_status, "new_status": ticket.status,
             "reason": "assignment"})
-    return ticket_view(ticket)
+    return changes
 
 
-def add_comment(session: Session, actor: Actor, ticket_id: str, body: str, public: bool) -> dict:
+def add_comment(session: Session, actor: Actor, ticket_id: str, body: str, public: bool,
+                idempotency_key: str | None = None) -> tuple[dict, bool]:
+    """Returns (comment view, replayed)."""
     ticket = _readable_ticket(session, actor, ticket_id, for_update=True)
     access.ensure_can_comment(actor, public)
+    fingerprint = request_fingerprint({"operation": "add_comment", "ticket_id": ticket.id,
+                                       "body": body, "public": public})
+    replay = _replay(session, actor, idempotency_key, "add_comment", fingerprint)
+    if replay is not None:
+        return comment_view(session.get(Comment, replay)), True
     now = _now()
     old_status = ticket.status
     new_status = old_status
@@ -263,6 +299,10 @@ def add_comment(session: Session, actor: Actor, ticket_id: str, body: str, publi
     comment = Comment(id=store.new_id(), ticket_id=ticket.id, author_id=actor.id,
                       author_role=actor.role, body=body, public=public, created_at=now)
     session.add(comment)
+    session.flush()
+    replay = _remember(session, actor, idempotency_key, "add_comment", fingerprint, comment.id, now)
+    if replay is not None:
+        return comment_view(session.get(Comment, replay)), True
     changes = {"comment_id": [None, comment.id], "public": [None, public]}
     if domain.is_first_response(actor.role, public, ticket.first_responded_at is not None):
         ticket.first_responded_at = now
@@ -276,7 +316,7 @@ def add_comment(session: Session, actor: Actor, ticket_id: str, body: str, publi
         _emit(session, ticket, contract.TICKET_STATUS_CHANGED, {
             "actor_id": actor.id, "old_status": old_status, "new_status": new_status,
             "reason": "requester_reply"})
-    return comment_view(comment)
+    return comment_view(comment), False
 
 
 def list_comments(session: Session, actor: Actor, ticket_id: str) -> dict:

@@ -64,6 +64,8 @@ class UpdateTicketSchema(_TagsMixin, _Strict):
     category = fields.String(allow_none=True, validate=validate.Length(min=1, max=100))
     tags = fields.List(fields.String(validate=validate.Length(min=1, max=50)))
     status = fields.String(validate=validate.OneOf(STATUSES))
+    assignee_id = fields.String(allow_none=True, validate=validate.Length(min=1, max=200))
+    group = fields.String(allow_none=True, validate=validate.Length(min=1, max=50))
 
     @post_load
     def _clean(self, data, **_):

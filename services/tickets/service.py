@@ -46,6 +46,12 @@ def _version(value) -> int | None:
     return value
 
 
+def _check_idempotency_key(key) -> None:
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200):
+        raise ValidationError("idempotency_key must be 1-200 characters",
+                              {"idempotency_key": ["1-200 characters"]})
+
+
 class TicketsService:
     name = contract.SERVICE
 
@@ -57,10 +63,7 @@ class TicketsService:
     @rpc
     def create_ticket(self, actor, data, idempotency_key=None):
         actor, data = _actor(actor), _load(_create_schema, data)
-        if idempotency_key is not None and (not isinstance(idempotency_key, str)
-                                            or not 1 <= len(idempotency_key) <= 200):
-            raise ValidationError("idempotency_key must be 1-200 characters",
-                                  {"idempotency_key": ["1-200 characters"]})
+        _check_idempotency_key(idempotency_key)
         with self.db.transaction() as session:
             ticket, replayed = operations.create_ticket(session, actor, data, idempotency_key)
         return {"ticket": ticket, "replayed": replayed}
@@ -95,10 +98,13 @@ class TicketsService:
         return self.assign_ticket(actor, ticket_id, None, None, expected_version)
 
     @rpc
-    def add_comment(self, actor, ticket_id, data):
+    def add_comment(self, actor, ticket_id, data, idempotency_key=None):
         actor, data = _actor(actor), _load(_comment_schema, data)
+        _check_idempotency_key(idempotency_key)
         with self.db.transaction() as session:
-            return operations.add_comment(session, actor, ticket_id, data["body"], data["public"])
+            comment, replayed = operations.add_comment(session, actor, ticket_id, data["body"],
+                                                       data["public"], idempotency_key)
+        return {"comment": comment, "replayed": replayed}
 
     @rpc
     def list_comments(self, actor, ticket_id):

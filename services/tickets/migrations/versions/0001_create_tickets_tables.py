@@ -32,8 +32,9 @@ def upgrade():
     op.create_table('idempotency_keys',
     sa.Column('actor_id', sa.String(length=200), nullable=False),
     sa.Column('key', sa.String(length=200), nullable=False),
+    sa.Column('operation', sa.String(length=50), nullable=False),
     sa.Column('request_hash', sa.String(length=64), nullable=False),
-    sa.Column('ticket_id', sa.String(length=36), nullable=False),
+    sa.Column('resource_id', sa.String(length=36), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('actor_id', 'key', name=op.f('pk_idempotency_keys'))
     )
