@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import jwt
 
-from contracts.tickets import ROLES
+from contracts.tickets import ROLES, STAFF_ROLES
 
 EMBEDDED_SECRET = "helpdesk-embedded-development-secret-change-me"
 EMBEDDED_ISSUER = "helpdesk-embedded"
@@ -31,6 +31,9 @@ class Identity:
     organization_id: str | None
     org_wide: bool
     token_id: str  # what rate limits key on
+
+    def is_staff(self) -> bool:
+        return self.role in STAFF_ROLES
 
     def as_actor(self) -> dict:
         return {"id": self.sub, "role": self.role, "organization_id": self.organization_id,

@@ -34,17 +34,25 @@ def accept_request_id(candidate: str | None) -> str:
 
 
 class RequestContext(DependencyProvider):
-    """Makes the worker's request id current for logging and guarantees one exists."""
+    """Guarantees every worker a request id (kept in nameko context data, so RPC calls and
+    events it makes carry it) and makes it current for logging."""
 
-    def worker_setup(self, worker_ctx):
+    def incoming_request_id(self, worker_ctx) -> str | None:
+        return worker_ctx.data.get(REQUEST_ID_KEY)
+
+    def _ensure(self, worker_ctx) -> str:
+        # nameko injects dependencies before worker_setup runs; whichever comes first decides
         request_id = worker_ctx.data.get(REQUEST_ID_KEY)
         if not request_id:
-            request_id = new_request_id()
+            request_id = accept_request_id(self.incoming_request_id(worker_ctx))
             worker_ctx.data[REQUEST_ID_KEY] = request_id
-        set_current_request_id(request_id)
+        return request_id
+
+    def get_dependency(self, worker_ctx):
+        return self._ensure(worker_ctx)
+
+    def worker_setup(self, worker_ctx):
+        set_current_request_id(self._ensure(worker_ctx))
 
     def worker_teardown(self, worker_ctx):
         set_current_request_id(None)
-
-    def get_dependency(self, worker_ctx):
-        return worker_ctx.data.get(REQUEST_ID_KEY)

@@ -158,11 +158,15 @@ def _cursor_value(sort: str, value):
 
 # --- change ---------------------------------------------------------------------------------
 
-def _lock_version(session, ticket, expected_version, now):
+def _check_version(ticket, expected_version) -> None:
     if expected_version is not None and ticket.version != expected_version:
         raise PreconditionFailed(
             f"the ticket changed since you read it (version {ticket.version}, you sent {expected_version})",
             {"version": [f"current version is {ticket.version}"]})
+
+
+def _lock_version(session, ticket, expected_version, now):
+    _check_version(ticket, expected_version)
     if not store.bump_version(session, ticket, expected_version, now):
         raise PreconditionFailed("the ticket changed while this update was applied; read it again")
 
@@ -177,6 +181,7 @@ def update_ticket(session: Session, actor: Actor, ticket_id: str, changes: dict,
         raise ValidationError("nothing to update", {"_schema": ["send at least one field"]})
     ticket = _readable_ticket(session, actor, ticket_id, for_update=True)
     access.ensure_can_edit(actor, set(changes))
+    _check_version(ticket, expected_version)  # a stale If-Match fails even when nothing would change
     if ticket.status == "closed":
         raise Conflict("closed tickets cannot be changed", {"status": ["ticket is closed"]})
 
@@ -240,6 +245,7 @@ def assign_ticket(session: Session, actor: Actor, ticket_id: str, assignee_id: s
                   group: str | None = None, expected_version: int | None = None) -> dict:
     access.ensure_can_assign(actor)
     ticket = _readable_ticket(session, actor, ticket_id, for_update=True)
+    _check_version(ticket, expected_version)
     if ticket.status == "closed":
         raise Conflict("closed tickets cannot be reassigned", {"status": ["ticket is closed"]})
     if assignee_id == ticket.assignee_id and (group is None or group == ticket.group_name):

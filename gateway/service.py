@@ -1,0 +1,277 @@
+"""The one HTTP API (/v1): authentication, validation, authorization context, problem errors.
+
+Entrypoints stay thin: parse and check the request, call a service over RPC with the caller's
+identity, shape the response. Object-level rules live in the service that owns the object.
+"""
+import functools
+import json
+import logging
+
+import eventlet
+from nameko.exceptions import RemoteError, UnknownService
+from nameko.extensions import DependencyProvider
+from nameko.rpc import RpcProxy
+from nameko.web.handlers import http
+from werkzeug.exceptions import MethodNotAllowed, NotFound as RouteNotFound
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Response
+
+from contracts.errors import HelpdeskError
+from gateway import http as web
+from gateway import schemas
+from gateway.auth import AuthError, Authenticator
+from gateway.openapi import DOCS_HTML, build_openapi
+from gateway.problems import ApiProblem, from_api_problem, from_domain_error, problem_response
+from gateway.ratelimit import TokenBuckets
+from gateway.settings import RPC_TIMEOUT_SECONDS, GatewaySettings
+from servicekit.context import RequestContext
+from servicekit.metrics import EntrypointMetrics, metrics_response
+
+log = logging.getLogger(__name__)
+
+# (verb, path) of every public route; also what decides 404 versus 405 for unknown requests
+ROUTES = [
+    ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
+    ("GET", "/v1/openapi.json"), ("GET", "/v1/docs"),
+    ("POST", "/v1/tickets"), ("GET", "/v1/tickets"),
+    ("GET", "/v1/tickets/<ticket_id>"), ("PATCH", "/v1/tickets/<ticket_id>"),
+    ("POST", "/v1/tickets/<ticket_id>/comments"), ("GET", "/v1/tickets/<ticket_id>/comments"),
+    ("GET", "/v1/tickets/<ticket_id>/history"),
+]
+_ROUTE_MAP = Map([Rule(path, methods=[verb]) for verb, path in ROUTES])
+
+
+class GatewayTimeout(Exception):
+    pass
+
+
+class HttpRequestContext(RequestContext):
+    """Takes the caller's X-Request-ID (if sane) or mints one, before the worker runs."""
+
+    def incoming_request_id(self, worker_ctx):
+        request = worker_ctx.args[0] if worker_ctx.args else None
+        return request.headers.get("X-Request-ID") if request is not None else None
+
+
+class GatewayState(DependencyProvider):
+    """Process-wide gateway state: settings, authenticator, rate limiter, OpenAPI document."""
+
+    def setup(self):
+        self.settings = GatewaySettings.load()
+        self.authenticator = Authenticator(self.settings.auth)
+        self.rate_limiter = TokenBuckets(self.settings.rate_limit_per_second, self.settings.rate_limit_burst)
+        self.openapi = json.dumps(build_openapi(self.settings.public_base_url))
+
+    def get_dependency(self, worker_ctx):
+        return self
+
+
+def api(authenticated: bool = True):
+    """Wrap a route: auth, rate limit, and every failure as application/problem+json."""
+
+    def decorator(route):
+        @functools.wraps(route)
+        def wrapper(self, request, **path):
+            request_id = self.request_id
+            try:
+                if authenticated:
+                    identity = self._authenticate(request)
+                    response = route(self, request, identity, **path)
+                else:
+                    response = route(self, request, **path)
+            except ApiProblem as problem:
+                response = from_api_problem(problem, request_id)
+            except HelpdeskError as error:
+                response = from_domain_error(error, request_id)
+            except GatewayTimeout:
+                response = problem_response(504, "the tickets service did not answer in time",
+                                            "upstream_timeout", request_id)
+            except (UnknownService, RemoteError, ConnectionError, OSError) as exc:
+                log.warning("upstream failure: %s", exc)
+                response = problem_response(503, "a backing service is unavailable; retry shortly",
+                                            "upstream_unavailable", request_id, headers={"Retry-After": "1"})
+            except Exception:
+                log.exception("unhandled error in %s", route.__name__)
+                response = problem_response(500, "an unexpected error occurred; quote the request id",
+                                            "internal_error", request_id)
+            response.headers["X-Request-ID"] = request_id
+            return response
+
+        return wrapper
+
+    return decorator
+
+
+class GatewayService:
+    name = "gateway"
+
+    metrics = EntrypointMetrics()
+    request_id = HttpRequestContext()
+    state = GatewayState()
+    tickets = RpcProxy("tickets", expiration=RPC_TIMEOUT_SECONDS)
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _authenticate(self, request):
+        try:
+            identity = self.state.authenticator.authenticate(request.headers.get("Authorization"))
+        except AuthError as exc:
+            raise ApiProblem(401, str(exc), code="unauthorized",
+                             headers={"WWW-Authenticate": 'Bearer realm="helpdesk"'})
+        decision = self.state.rate_limiter.take(identity.token_id)
+        if not decision.allowed:
+            raise ApiProblem(429, f"rate limit of {decision.limit} requests exceeded; retry in "
+                                  f"{decision.retry_after_seconds}s", code="rate_limited",
+                             headers={"Retry-After": str(decision.retry_after_seconds)})
+        return identity
+
+    def _call(self, method: str, *args, **kwargs):
+        with eventlet.Timeout(self.state.settings.rpc_timeout_seconds, GatewayTimeout()):
+            return getattr(self.tickets, method)(*args, **kwargs)
+
+    def _body(self, request):
+        return web.read_json_body(request, self.state.settings.max_body_bytes)
+
+    @staticmethod
+    def _ticket_response(ticket: dict, status: int = 200, extra: dict | None = None) -> Response:
+        headers = {"ETag": web.etag_for(ticket["version"]), **(extra or {})}
+        return web.json_response(ticket, status, headers)
+
+    @staticmethod
+    def _idempotency_key(request) -> str | None:
+        key = request.headers.get("Idempotency-Key")
+        if key is None:
+            return None
+        key = key.strip()
+        if not 1 <= len(key) <= 200 or not key.isprintable():
+            raise ApiProblem(400, "Idempotency-Key must be 1-200 printable characters",
+                             errors={"idempotency-key": ["1-200 printable characters"]})
+        return key
+
+    # --- operations probes ------------------------------------------------------------------
+
+    @http("GET", "/healthz")
+    @api(authenticated=False)
+    def healthz(self, request):
+        return web.json_response({"status": "alive"})
+
+    @http("GET", "/readyz")
+    @api(authenticated=False)
+    def readyz(self, request):
+        try:
+            with eventlet.Timeout(2, GatewayTimeout()):
+                self.tickets.health_ping()
+        except (GatewayTimeout, UnknownService, RemoteError, OSError) as exc:
+            return web.json_response({"status": "unavailable", "tickets": type(exc).__name__}, 503)
+        return web.json_response({"status": "ready", "tickets": "ok"})
+
+    @http("GET", "/metrics")
+    def metrics_endpoint(self, request):
+        return metrics_response()
+
+    @http("GET", "/v1/openapi.json")
+    @api(authenticated=False)
+    def openapi(self, request):
+        return Response(self.state.openapi, content_type="application/json")
+
+    @http("GET", "/v1/docs")
+    @api(authenticated=False)
+    def docs(self, request):
+        return Response(DOCS_HTML, content_type="text/html; charset=utf-8")
+
+    # --- tickets ----------------------------------------------------------------------------
+
+    @http("POST", "/v1/tickets")
+    @api()
+    def create_ticket(self, request, identity):
+        body = self._body(request)
+        web.validate(schemas.create_ticket_body(identity.is_staff()), body)
+        key = self._idempotency_key(request)
+        result = self._call("create_ticket", identity.as_actor(), body, key)
+        ticket = result["ticket"]
+        extra = {"Location": f"/v1/tickets/{ticket['id']}"}
+        if result["replayed"]:
+            extra["Idempotent-Replayed"] = "true"
+        return self._ticket_response(ticket, 201, extra)
+
+    @http("GET", "/v1/tickets")
+    @api()
+    def list_tickets(self, request, identity):
+        raw = {}
+        for name in request.args:
+            values = request.args.getlist(name)
+            if name in schemas.LIST_FIELDS:
+                raw[name] = [v.strip() for value in values for v in value.split(",") if v.strip()]
+            elif len(values) > 1:
+                raise ApiProblem(400, f"query parameter {name} given more than once",
+                                 errors={name: ["give it once"]})
+            else:
+                raw[name] = values[0]
+        web.validate(schemas.ListTicketsQuery(), raw, status=400)
+        filters = {}
+        for name, value in raw.items():
+            if name == "assignee" and value == "me":
+                value = identity.sub
+            if name == "unassigned":
+                value = value.lower() in ("true", "1", "yes", "on")
+            if name == "limit":
+                value = int(value)
+            filters[schemas.QUERY_TO_FILTER.get(name, name)] = value
+        return web.json_response(self._call("list_tickets", identity.as_actor(), filters))
+
+    @http("GET", "/v1/tickets/<ticket_id>")
+    @api()
+    def get_ticket(self, request, identity, ticket_id):
+        ticket = self._call("get_ticket", identity.as_actor(), ticket_id)
+        if web.not_modified(request, ticket["version"]):
+            return Response(status=304, headers={"ETag": web.etag_for(ticket["version"])})
+        return self._ticket_response(ticket)
+
+    @http("PATCH", "/v1/tickets/<ticket_id>")
+    @api()
+    def update_ticket(self, request, identity, ticket_id):
+        body = self._body(request)
+        web.validate(schemas.update_ticket_body(identity.is_staff()), body)
+        if not body:
+            raise ApiProblem(422, "send at least one field to change", code="validation_error",
+                             errors={"_schema": ["empty update"]})
+        expected = web.expected_version(request)
+        ticket = self._call("update_ticket", identity.as_actor(), ticket_id, body, expected)
+        return self._ticket_response(ticket)
+
+    @http("POST", "/v1/tickets/<ticket_id>/comments")
+    @api()
+    def add_comment(self, request, identity, ticket_id):
+        body = self._body(request)
+        web.validate(schemas.comment_body(), body)
+        key = self._idempotency_key(request)
+        result = self._call("add_comment", identity.as_actor(), ticket_id, body, key)
+        headers = {"Location": f"/v1/tickets/{ticket_id}/comments/{result['comment']['id']}"}
+        if result["replayed"]:
+            headers["Idempotent-Replayed"] = "true"
+        return web.json_response(result["comment"], 201, headers)
+
+    @http("GET", "/v1/tickets/<ticket_id>/comments")
+    @api()
+    def list_comments(self, request, identity, ticket_id):
+        return web.json_response(self._call("list_comments", identity.as_actor(), ticket_id))
+
+    @http("GET", "/v1/tickets/<ticket_id>/history")
+    @api()
+    def history(self, request, identity, ticket_id):
+        return web.json_response(self._call("get_history", identity.as_actor(), ticket_id))
+
+    # --- everything else --------------------------------------------------------------------
+
+    @http("GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS", "/<path:unknown>")
+    @api(authenticated=False)
+    def unknown_route(self, request, unknown):
+        try:
+            _ROUTE_MAP.bind("localhost").match("/" + unknown, method=request.method)
+        except MethodNotAllowed as exc:
+            allowed = ", ".join(sorted(exc.valid_methods or []))
+            raise ApiProblem(405, f"{request.method} is not allowed here; use {allowed}",
+                             headers={"Allow": allowed})
+        except RouteNotFound:
+            pass
+        raise ApiProblem(404, f"no such endpoint: {request.method} {request.path}")
