@@ -27,6 +27,9 @@ def var_dir() -> Path:
 class ServiceSettings:
     service: str
     amqp_uri: str
+    # the outbox relay's own broker connection (defaults to AMQP_URI); lets a publisher-side
+    # outage be tested without taking RPC down too
+    outbox_amqp_uri: str
     database_url: str
     http_host: str
     http_port: int
@@ -43,6 +46,7 @@ class ServiceSettings:
         return cls(
             service=service,
             amqp_uri=os.environ.get("AMQP_URI", DEFAULT_AMQP_URI),
+            outbox_amqp_uri=env(service, "OUTBOX_AMQP_URI", os.environ.get("AMQP_URI", DEFAULT_AMQP_URI)),
             database_url=env(service, "DATABASE_URL", f"sqlite:///{var_dir() / (service + '.db')}"),
             http_host=env(service, "HTTP_HOST", "0.0.0.0"),
             http_port=int(env(service, "HTTP_PORT", DEFAULT_HTTP_PORTS.get(service, 9100))),
