@@ -27,9 +27,6 @@ def var_dir() -> Path:
 class ServiceSettings:
     service: str
     amqp_uri: str
-    # the outbox relay's own broker connection (defaults to AMQP_URI); lets a publisher-side
-    # outage be tested without taking RPC down too
-    outbox_amqp_uri: str
     database_url: str
     http_host: str
     http_port: int
@@ -40,13 +37,15 @@ class ServiceSettings:
     # handled-event retries before a message is parked in the dead-letter queue
     event_max_attempts: int
     event_retry_base_seconds: float
+    # the outbox relay's own broker connection (None: AMQP_URI); lets a publisher-side outage
+    # be tested without taking RPC down too
+    outbox_amqp_uri: str | None = None
 
     @classmethod
     def load(cls, service: str) -> "ServiceSettings":
         return cls(
             service=service,
             amqp_uri=os.environ.get("AMQP_URI", DEFAULT_AMQP_URI),
-            outbox_amqp_uri=env(service, "OUTBOX_AMQP_URI", os.environ.get("AMQP_URI", DEFAULT_AMQP_URI)),
             database_url=env(service, "DATABASE_URL", f"sqlite:///{var_dir() / (service + '.db')}"),
             http_host=env(service, "HTTP_HOST", "0.0.0.0"),
             http_port=int(env(service, "HTTP_PORT", DEFAULT_HTTP_PORTS.get(service, 9100))),
@@ -55,6 +54,7 @@ class ServiceSettings:
             rpc_timeout_seconds=float(env(service, "RPC_TIMEOUT_SECONDS", 10)),
             event_max_attempts=int(env(service, "EVENT_MAX_ATTEMPTS", 5)),
             event_retry_base_seconds=float(env(service, "EVENT_RETRY_BASE_SECONDS", 0.2)),
+            outbox_amqp_uri=env(service, "OUTBOX_AMQP_URI"),
         )
 
     def nameko_config(self) -> dict:

@@ -102,7 +102,8 @@ class Database(DependencyProvider):
         self.settings = settings_from_container(self.container)
         self.engine = make_engine(self.settings.database_url, pool_size=self.settings.max_workers + 2)
         self.session_factory = sessionmaker(self.engine, expire_on_commit=False)
-        self.relay = OutboxRelay(self.engine, self.settings.outbox_amqp_uri, self.settings.service)
+        self.relay = OutboxRelay(self.engine, self.settings.outbox_amqp_uri or self.settings.amqp_uri,
+                                 self.settings.service)
 
     def start(self):
         self.container.spawn_managed_thread(self.relay.run, identifier="outbox_relay")
