@@ -74,8 +74,9 @@ class ReliableEventHandler(EventHandler):
             self._attempts[key] = attempt + 1
             log.warning("event handler %s failed (attempt %s of %s), retrying: %s",
                         self.method_name, attempt, self.max_attempts, exc)
-            eventlet.sleep(self.retry_delay(attempt))
-            self.handle_message(message.payload, message)
+            # retry from a timer, not from this worker: sleeping here would hold a worker slot,
+            # and with every slot retrying, nobody could spawn the retries (deadlock)
+            eventlet.spawn_after(self.retry_delay(attempt), self.handle_message, message.payload, message)
             return result, exc_info
         self._attempts.pop(key, None)
         self._dead_letter(message, exc)
