@@ -15,7 +15,9 @@ class HelpdeskError(Exception):
     title = "Internal error"
 
     def __init__(self, detail="", errors=None):
-        # args must stay JSON-serialisable: nameko rebuilds the instance from them.
+        # args must stay JSON-serialisable: nameko rebuilds the instance from them, and it
+        # stringifies anything that is not a str, dict or list (None would arrive as "None")
+        errors = errors if isinstance(errors, dict) else {}
         super().__init__(detail, errors)
         self.detail = detail
         self.errors = errors

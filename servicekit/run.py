@@ -3,7 +3,12 @@
 Monkey-patches eventlet before anything imports socket or threading, reads settings once,
 configures JSON logs, and hands over to nameko's runner (SIGTERM/SIGINT stop gracefully).
 """
-import eventlet
+import warnings
+
+# eventlet announces its own deprecation on import; it is our chosen runtime (nameko 2.x)
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+
+import eventlet  # noqa: E402
 
 eventlet.monkey_patch()
 

@@ -2,7 +2,12 @@
 
 nameko's own ``nameko test`` does this; plain pytest does not, and container tests then hang.
 """
-import eventlet
+import warnings
+
+# eventlet announces its own deprecation on import; it is our chosen runtime (nameko 2.x)
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+
+import eventlet  # noqa: E402
 
 eventlet.monkey_patch()
 
