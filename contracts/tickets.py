@@ -37,12 +37,9 @@ SORTS = ("created_at", "-created_at", "updated_at", "-updated_at", "priority", "
 
 
 def _normalise_tags(tags):
-    seen = []
-    for tag in tags:
-        tag = tag.strip().lower()
-        if tag not in seen:
-            seen.append(tag)
-    return seen
+    """Tags are a set: trimmed, lowercased, deduplicated and sorted (the order they are stored
+    and read back in), so a new order is not a change."""
+    return sorted({tag.strip().lower() for tag in tags})
 
 
 class _TagsMixin:
