@@ -138,11 +138,18 @@ def handles_event_once(source_service: str, event_type: str, payload_schema=None
 
 
 def _claim(session, handler_name: str, event_id: str) -> bool:
-    """Insert the (handler, event_id) mark; False if it was already there."""
+    """Insert the (handler, event_id) mark as the transaction's first write; False if it was
+    already there.
+
+    No SAVEPOINT here: with pysqlite a SAVEPOINT sent before any write opens the transaction
+    itself and releasing it commits, so the mark outlived a handler that then failed and the
+    retry skipped the event. The mark is the first write, so on a duplicate rolling back the
+    whole transaction loses nothing.
+    """
     try:
-        with session.begin_nested():
-            session.execute(HANDLED_EVENTS.insert().values(
-                handler=handler_name, event_id=event_id, handled_at=datetime.now(timezone.utc)))
+        session.execute(HANDLED_EVENTS.insert().values(
+            handler=handler_name, event_id=event_id, handled_at=datetime.now(timezone.utc)))
     except IntegrityError:
+        session.rollback()
         return False
     return True
