@@ -1,0 +1,473 @@
+"""End-to-end fixtures: the real processes (migrate, tickets, gateway) on a throwaway RabbitMQ
+vhost and a SQLite database in a temporary directory, driven over HTTP with ``requests``.
+
+One stack per test module (``stack``); every module's tests are marked ``e2e``. The tickets
+process publishes its events through a TCP proxy the tests control (``stack.proxy``), so a
+broker outage can be simulated for the outbox relay alone while RPC keeps working.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import requests
+from kombu import Connection, Queue
+from nameko.standalone.events import get_event_exchange
+
+from gateway.auth import mint_token
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BROKER_HOST = os.environ.get("TEST_AMQP_HOST", "localhost")
+BROKER_PORT = int(os.environ.get("TEST_AMQP_PORT", "5672"))
+BROKER_USER, BROKER_PASSWORD = "guest", "guest"
+MANAGEMENT_URL = os.environ.get("TEST_RABBITMQ_MANAGEMENT_URL", "http://localhost:15672")
+
+START_DEADLINE_SECONDS = 45
+# the stack's gateway is generous (tests fire requests back to back); the rate-limit test
+# starts a second gateway with a tight limit (``Stack.start_extra_gateway``)
+RATE_LIMIT_PER_SECOND = 1000
+RATE_LIMIT_BURST = 1000
+MAX_BODY_BYTES = 64 * 1024
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+PROBLEM_TYPE_PREFIX = "urn:helpdesk:problem:"
+
+
+def assert_problem(response: requests.Response, status: int, *fields: str) -> dict:
+    """A problem+json answer with ``status``; ``fields`` must each be named in ``errors``."""
+    assert response.status_code == status, f"{response.status_code} {response.text[:500]}"
+    assert response.headers.get("Content-Type", "").startswith("application/problem+json"), \
+        response.headers.get("Content-Type")
+    body = response.json()
+    assert body["status"] == status
+    assert isinstance(body["type"], str) and body["type"].startswith(PROBLEM_TYPE_PREFIX), body
+    assert isinstance(body["title"], str) and body["title"], body
+    assert isinstance(body["detail"], str) and body["detail"], body
+    assert body.get("request_id") == response.headers.get("X-Request-ID"), body
+    if fields:
+        assert isinstance(body.get("errors"), dict), body
+        for field in fields:
+            assert field in body["errors"], f"{field} not in {body['errors']}"
+    return body
+
+
+# --- RabbitMQ --------------------------------------------------------------------------------
+
+class BrokerAdmin:
+    """Creates and deletes vhosts: the management API when it answers, else rabbitmqctl."""
+
+    def __init__(self):
+        self.auth = (BROKER_USER, BROKER_PASSWORD)
+        self.use_api = self._api_available()
+        if not self.use_api and shutil.which("rabbitmqctl") is None:
+            pytest.skip("no RabbitMQ management API and no rabbitmqctl to create test vhosts")
+
+    def _api_available(self) -> bool:
+        try:
+            return requests.get(f"{MANAGEMENT_URL}/api/overview", auth=self.auth, timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def add(self, name: str) -> None:
+        if self.use_api:
+            vh = quote(name, safe="")
+            requests.put(f"{MANAGEMENT_URL}/api/vhosts/{vh}", auth=self.auth, timeout=10).raise_for_status()
+            requests.put(f"{MANAGEMENT_URL}/api/permissions/{vh}/{BROKER_USER}", auth=self.auth, timeout=10,
+                         json={"configure": ".*", "write": ".*", "read": ".*"}).raise_for_status()
+        else:
+            self._ctl("add_vhost", name)
+            self._ctl("set_permissions", "-p", name, BROKER_USER, ".*", ".*", ".*")
+
+    def delete(self, name: str) -> None:
+        if self.use_api:
+            response = requests.delete(f"{MANAGEMENT_URL}/api/vhosts/{quote(name, safe='')}",
+                                       auth=self.auth, timeout=10)
+            if response.status_code not in (204, 404):
+                response.raise_for_status()
+        else:
+            self._ctl("delete_vhost", name)
+
+    @staticmethod
+    def _ctl(*args):
+        subprocess.run(["rabbitmqctl", "--quiet", *args], check=True, timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def amqp_uri(vhost: str, host: str = BROKER_HOST, port: int = BROKER_PORT) -> str:
+    return f"amqp://{BROKER_USER}:{BROKER_PASSWORD}@{host}:{port}/{quote(vhost, safe='')}"
+
+
+class Amqp:
+    """A plain kombu connection to the stack's vhost: observer queues and raw publishing."""
+
+    def __init__(self, uri: str):
+        self.connection = Connection(uri)
+        self.channel = self.connection.channel()
+
+    def close(self):
+        self.connection.release()
+
+    def bind(self, source: str, routing_key: str) -> Queue:
+        """A queue on ``<source>.events`` bound to ``routing_key``; bind before the event happens."""
+        queue = Queue(f"e2e-{source}-{routing_key}-{uuid.uuid4().hex[:6]}",
+                      exchange=get_event_exchange(source, {}), routing_key=routing_key,
+                      durable=False, auto_delete=False)
+        queue(self.channel).declare()
+        return queue
+
+    def get(self, queue: Queue):
+        return queue(self.channel).get(no_ack=True)
+
+    def drain(self, queue: Queue) -> list:
+        messages = []
+        while (message := self.get(queue)) is not None:
+            messages.append(message)
+        return messages
+
+    def message_count(self, queue_name: str) -> int:
+        return Queue(queue_name)(self.channel).queue_declare(passive=True).message_count
+
+    def publish_event(self, source: str, event_type: str, body: dict, **kwargs) -> None:
+        exchange = get_event_exchange(source, {})
+        producer = self.connection.Producer(self.channel)
+        producer.publish(json.dumps(body), exchange=exchange, routing_key=event_type, declare=[exchange],
+                         content_type="application/json", content_encoding="utf-8",
+                         delivery_mode=2, **kwargs)
+
+
+# --- processes -------------------------------------------------------------------------------
+
+class TcpProxy:
+    """``tcp_proxy.py`` as a child process; stop() kills it (and every connection through it)."""
+
+    def __init__(self, target_host: str, target_port: int, log_path: Path):
+        self.port = free_port()
+        self.target = (target_host, target_port)
+        self.log_path = log_path
+        self.process = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> "TcpProxy":
+        assert not self.running
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("tcp_proxy.py")), str(self.port),
+             self.target[0], str(self.target[1])],
+            stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT)
+        log.close()
+        line = self.process.stdout.readline()
+        if line.strip() != b"ready":
+            self.stop()
+            raise RuntimeError(f"tcp proxy did not start on port {self.port}: {line!r}; "
+                               f"{self.log_path.read_text(errors='replace')[-2000:]}")
+        return self
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        process.stdout.close()
+
+
+class ServiceProcess:
+    """One ``python -m servicekit.run <name>`` child with its output in a log file."""
+
+    def __init__(self, name: str, env: dict, log_path: Path):
+        self.name, self.env, self.log_path = name, env, log_path
+        self.process = None
+
+    def start(self) -> "ServiceProcess":
+        assert self.process is None or self.process.poll() is not None, f"{self.name} already running"
+        log = open(self.log_path, "ab")
+        log.write(f"\n===== start {self.name} =====\n".encode())
+        log.flush()
+        self.process = subprocess.Popen([sys.executable, "-m", "servicekit.run", self.name],
+                                        env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self, sig=signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int | None:
+        """Signal the process and wait for it to exit (SIGKILL after ``timeout``)."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return "(no log)"
+
+
+class Stack:
+    """migrate + tickets + gateway on one vhost; the gateway is ready when ``/readyz`` says so."""
+
+    def __init__(self, workdir: Path, vhost: str):
+        self.workdir = workdir
+        self.vhost = vhost
+        self.amqp_uri = amqp_uri(vhost)
+        self.gateway_port = free_port()
+        self.tickets_port = free_port()
+        self.proxy = TcpProxy(BROKER_HOST, BROKER_PORT, workdir / "proxy.log")
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("HELPDESK_", "AMQP_", "TEST_", "PYTEST_"))}
+        env.update({
+            "PYTHONUNBUFFERED": "1",
+            "AMQP_URI": self.amqp_uri,
+            "HELPDESK_VAR_DIR": str(workdir),
+            "HELPDESK_LOG_LEVEL": "INFO",
+            "HELPDESK_TICKETS_HTTP_HOST": "127.0.0.1",
+            "HELPDESK_TICKETS_HTTP_PORT": str(self.tickets_port),
+            # the outbox relay alone goes through the proxy: stopping it is a broker outage
+            # for event publishing while RPC stays up
+            "HELPDESK_TICKETS_OUTBOX_AMQP_URI": amqp_uri(vhost, "127.0.0.1", self.proxy.port),
+            "HELPDESK_GATEWAY_HTTP_HOST": "127.0.0.1",
+            "HELPDESK_GATEWAY_HTTP_PORT": str(self.gateway_port),
+            "HELPDESK_GATEWAY_RATE_LIMIT_PER_SECOND": str(RATE_LIMIT_PER_SECOND),
+            "HELPDESK_GATEWAY_RATE_LIMIT_BURST": str(RATE_LIMIT_BURST),
+            "HELPDESK_GATEWAY_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+        })
+        self.env = env
+        self.tickets = ServiceProcess("tickets", env, workdir / "tickets.log")
+        self.gateway = ServiceProcess("gateway", env, workdir / "gateway.log")
+        self.extra_gateways: list[ServiceProcess] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def tickets_url(self) -> str:
+        return f"http://127.0.0.1:{self.tickets_port}"
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {service.name} log ({service.log_path}) ---\n{service.log_tail()}"
+                         for service in (self.tickets, self.gateway, *self.extra_gateways))
+
+    def migrate(self) -> None:
+        result = subprocess.run([sys.executable, "-m", "servicekit.migrate", "tickets"], env=self.env,
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"migration failed:\n{result.stdout}\n{result.stderr}")
+
+    def start(self) -> "Stack":
+        self.proxy.start()
+        self.migrate()
+        self.tickets.start()
+        self.gateway.start()
+        self.wait_ready(START_DEADLINE_SECONDS)
+        return self
+
+    def start_extra_gateway(self, **settings) -> str:
+        """Another gateway on this stack with ``HELPDESK_GATEWAY_<NAME>`` overrides; its base URL."""
+        port = free_port()
+        env = {**self.env, "HELPDESK_GATEWAY_HTTP_PORT": str(port),
+               **{f"HELPDESK_GATEWAY_{name.upper()}": str(value) for name, value in settings.items()}}
+        gateway = ServiceProcess("gateway", env, self.workdir / f"gateway-{port}.log")
+        self.extra_gateways.append(gateway)
+        gateway.start()
+        base_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + START_DEADLINE_SECONDS
+        while not self._probe(base_url + "/readyz"):
+            if not gateway.alive or time.monotonic() > deadline:
+                raise RuntimeError("extra gateway did not become ready\n" + self.logs())
+            time.sleep(0.1)
+        return base_url
+
+    def _probe(self, url: str) -> bool:
+        try:
+            return requests.get(url, timeout=3).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        """The gateway's /readyz is 200 (broker up, tickets answers RPC) within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self._probe(self.base_url + "/readyz"):
+            for service in (self.tickets, self.gateway):
+                if not service.alive:
+                    raise RuntimeError(f"{service.name} exited with {service.process.returncode}\n"
+                                       + self.logs())
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"stack not ready within {timeout}s\n" + self.logs())
+            time.sleep(0.2)
+
+    def wait_tickets_ready(self, timeout: float) -> None:
+        """The tickets process's own /readyz (it consumes its RPC queue and reaches its database)."""
+        deadline = time.monotonic() + timeout
+        while not self._probe(self.tickets_url + "/readyz"):
+            if not self.tickets.alive:
+                raise RuntimeError(f"tickets exited with {self.tickets.process.returncode}\n" + self.logs())
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tickets not ready within {timeout}s\n" + self.logs())
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        services = (*self.extra_gateways, self.gateway, self.tickets)
+        for service in services:
+            service.terminate()  # all shut down gracefully at the same time
+        for service in services:
+            service.stop()
+        self.proxy.stop()
+
+
+# --- identities and the HTTP client ----------------------------------------------------------
+
+IDENTITIES = {
+    # name: (sub, role, org, org_wide)
+    "alice": ("alice@acme", "requester", "acme", False),
+    "carol": ("carol@globex", "requester", "globex", False),
+    "acme_lead": ("lead@acme", "requester", "acme", True),
+    "agent": ("agent-1", "agent", None, False),
+    "viewer": ("auditor-1", "viewer", None, False),
+}
+
+
+def token_for(name: str, **overrides) -> str:
+    sub, role, org, org_wide = IDENTITIES[name]
+    return mint_token(sub, role, org, org_wide, **overrides)
+
+
+class Api:
+    """``api.get("/v1/tickets", as_="alice")``: requests against the gateway as an identity."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        self.session = requests.Session()
+        self._tokens = {name: token_for(name) for name in IDENTITIES}
+
+    def sub(self, name: str) -> str:
+        return IDENTITIES[name][0]
+
+    def request(self, method: str, path: str, as_: str | None = None, token: str | None = None,
+                headers: dict | None = None, **kwargs) -> requests.Response:
+        headers = dict(headers or {})
+        token = token or (self._tokens[as_] if as_ else None)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        kwargs.setdefault("timeout", 30)
+        return self.session.request(method, self.base_url + path, headers=headers, **kwargs)
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path, **kwargs):
+        return self.request("POST", path, **kwargs)
+
+    def patch(self, path, **kwargs):
+        return self.request("PATCH", path, **kwargs)
+
+    # conveniences for the happy path
+    def create_ticket(self, as_: str, **fields) -> dict:
+        body = {"subject": "Printer on fire", "description": "It smells of toner.", **fields}
+        response = self.post("/v1/tickets", as_=as_, json=body)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def update_ticket(self, ticket_id: str, as_: str, **changes) -> dict:
+        current = self.get(f"/v1/tickets/{ticket_id}", as_=as_)
+        assert current.status_code == 200, current.text
+        response = self.patch(f"/v1/tickets/{ticket_id}", as_=as_, json=changes,
+                              headers={"If-Match": current.headers["ETag"]})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def comment(self, ticket_id: str, as_: str, body: str, public: bool = True) -> dict:
+        response = self.post(f"/v1/tickets/{ticket_id}/comments", as_=as_,
+                             json={"body": body, "public": public})
+        assert response.status_code == 201, response.text
+        return response.json()
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def broker_admin():
+    return BrokerAdmin()
+
+
+@pytest.fixture(scope="module")
+def stack(broker_admin, tmp_path_factory):
+    """A running stack for this test module; logs are printed if it cannot start."""
+    vhost = f"hd-e2e-{uuid.uuid4().hex[:8]}"
+    broker_admin.add(vhost)
+    running = Stack(tmp_path_factory.mktemp("e2e-stack"), vhost)
+    try:
+        try:
+            running.start()
+        except Exception as exc:
+            print(f"e2e stack failed to start: {exc}", file=sys.stderr)
+            raise
+        yield running
+    finally:
+        running.stop()
+        broker_admin.delete(vhost)
+
+
+@pytest.fixture(scope="module")
+def api(stack):
+    client = Api(stack.base_url)
+    yield client
+    client.session.close()
+
+
+@pytest.fixture
+def amqp(stack):
+    client = Amqp(stack.amqp_uri)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def tag():
+    """A tag unique to this test, to find exactly the tickets it made."""
+    return f"e2e-{uuid.uuid4().hex[:10]}"
