@@ -24,7 +24,12 @@ def read_json_body(request: Request, max_bytes: int) -> dict:
     if mimetype not in JSON_TYPES:
         raise ApiProblem(415, "send the body as application/json",
                          errors={"content-type": [f"got {mimetype or 'nothing'}"]})
-    raw = request.stream.read(max_bytes + 1)  # bounded even without Content-Length (chunked)
+    stream = request.stream
+    if request.content_length is None and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        # werkzeug hands out an empty stream when there is no Content-Length (the server does not
+        # say it terminates the input); eventlet decodes chunked input itself, so read it directly
+        stream = request.environ["wsgi.input"]
+    raw = stream.read(max_bytes + 1)  # bounded even without Content-Length (chunked)
     if len(raw) > max_bytes:
         raise ApiProblem(413, f"request body exceeds {max_bytes} bytes")
     if not raw.strip():
