@@ -16,7 +16,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound as RouteNotFound
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Response
 
-from contracts.errors import HelpdeskError
+from contracts.errors import HelpdeskError, ValidationError
 from gateway import http as web
 from gateway import schemas
 from gateway.auth import AuthError, Authenticator
@@ -217,7 +217,14 @@ class GatewayService:
             if name == "limit":
                 value = int(value)
             filters[schemas.QUERY_TO_FILTER.get(name, name)] = value
-        return web.json_response(self._call("list_tickets", identity.as_actor(), filters))
+        try:
+            page = self._call("list_tickets", identity.as_actor(), filters)
+        except ValidationError as error:
+            # all list_tickets can refuse is the query string (a cursor it did not issue, or one
+            # of another sort): a bad query is 400 here, like the checks above and the OpenAPI doc
+            raise ApiProblem(400, error.detail or "bad query parameters", code=error.code,
+                             errors=error.errors)
+        return web.json_response(page)
 
     @http("GET", "/v1/tickets/<ticket_id>")
     @api()
