@@ -202,14 +202,14 @@ def test_viewer_reads_everything_and_writes_nothing(api):
     assert api.get(f"{path}/history", as_="viewer").status_code == 200
     assert ticket["id"] in [t["id"] for t in api.get("/v1/tickets", as_="viewer", params={"limit": 100}).json()["items"]]
 
-    etag = api.get(path, as_="viewer").headers["ETag"]
+    before = api.get(path, as_="viewer")
+    etag = before.headers["ETag"]
     assert_problem(api.post("/v1/tickets", as_="viewer", json={"subject": "x", "description": "y"}), 403)
     for changes in ({"subject": "x"}, {"status": "solved"}, {"priority": "low"}, {"assignee_id": "auditor-1"}):
         assert_problem(api.patch(path, as_="viewer", json=changes, headers={"If-Match": etag}), 403)
     assert_problem(api.post(f"{path}/comments", as_="viewer", json={"body": "hi"}), 403)
     assert_problem(api.post(f"{path}/comments", as_="viewer", json={"body": "hi", "public": False}), 403)
-    after = api.get(path, as_="agent").json()
-    assert after["version"] == ticket["version"] and after["subject"] == ticket["subject"]
+    assert api.get(path, as_="agent").json() == before.json()
 
 
 @pytest.mark.parametrize("field, value", [("status", "solved"), ("assignee_id", "alice@acme"),
