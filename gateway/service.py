@@ -281,9 +281,12 @@ class GatewayService:
 
     # --- everything else --------------------------------------------------------------------
 
+    # "/<path:...>" needs at least one character: "/" itself gets its own rule, or werkzeug
+    # answers it with an HTML 404
+    @http("GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS", "/")
     @http("GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS", "/<path:unknown>")
     @api(authenticated=False)
-    def unknown_route(self, request, unknown):
+    def unknown_route(self, request, unknown=""):
         try:
             _ROUTE_MAP.bind("localhost").match("/" + unknown, method=request.method)
         except MethodNotAllowed as exc:
