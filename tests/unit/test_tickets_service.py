@@ -1,0 +1,324 @@
+"""TicketsService entrypoints via nameko's worker_factory: input validation at the RPC edge,
+NotFound for unknown ids, and once-only event handling. A real UnitOfWork over a tmp SQLite
+database stands in for the ``db`` dependency; no broker."""
+import uuid
+
+import pytest
+from nameko.testing.services import worker_factory
+from sqlalchemy import func, select
+
+from contracts.errors import Forbidden, NotFound, ValidationError
+from contracts.events import make_envelope
+from servicekit.events import UnprocessableEvent
+from servicekit.tables import HANDLED_EVENTS, OUTBOX
+from services.tickets import operations
+from services.tickets.models import HistoryEntry
+from services.tickets.service import TicketsService
+
+AGENT = {"id": "agent-1", "role": "agent"}
+ALICE = {"id": "alice", "role": "requester", "organization_id": "acme"}
+BOB = {"id": "bob", "role": "requester", "organization_id": "acme"}
+VIEWER = {"id": "viewer-1", "role": "viewer"}
+NEW = {"subject": "VPN drops every hour", "description": "Since Monday"}
+MISSING = str(uuid.uuid4())
+
+
+@pytest.fixture
+def service(uow, clock):
+    return worker_factory(TicketsService, db=uow)
+
+
+@pytest.fixture
+def ticket(service):
+    return service.create_ticket(ALICE, NEW)["ticket"]
+
+
+def invalid(call, *args, **kwargs) -> dict:
+    """Run an RPC expected to refuse its input; returns the per-field errors."""
+    with pytest.raises(ValidationError) as caught:
+        call(*args, **kwargs)
+    assert isinstance(caught.value.errors, dict) and caught.value.errors
+    return caught.value.errors
+
+
+def count(uow, table) -> int:
+    with uow.read() as session:
+        return session.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+# --- happy path through the entrypoints ------------------------------------------------------
+
+def test_create_returns_the_ticket_and_whether_it_was_a_replay(service, uow):
+    first = service.create_ticket(ALICE, NEW, idempotency_key="k-1")
+    again = service.create_ticket(ALICE, NEW, idempotency_key="k-1")
+    assert first["replayed"] is False and again["replayed"] is True
+    assert again["ticket"] == first["ticket"] and first["ticket"]["number"] == 1001
+    assert count(uow, OUTBOX) == 1
+
+
+def test_entrypoints_round_trip_a_ticket(service, ticket):
+    assert service.get_ticket(ALICE, ticket["id"]) == ticket
+    updated = service.update_ticket(AGENT, ticket["id"], {"priority": "high"}, expected_version=1)
+    assert updated["version"] == 2
+    assert service.assign_ticket(AGENT, ticket["id"], "agent-1", "tier1")["status"] == "open"
+    assert service.unassign_ticket(AGENT, ticket["id"])["assignee_id"] is None
+    reply = service.add_comment(ALICE, ticket["id"], {"body": "any news?"})
+    assert reply["replayed"] is False and reply["comment"]["public"] is True
+    assert [c["body"] for c in service.list_comments(ALICE, ticket["id"])["items"]] == ["any news?"]
+    assert [t["id"] for t in service.list_tickets(ALICE)["items"]] == [ticket["id"]]
+    assert service.list_tickets(BOB, None)["items"] == []
+    assert len(service.get_history(AGENT, ticket["id"])["items"]) == 5
+    assert service.health_ping() == "pong"
+
+
+def test_results_are_plain_json(service, ticket):
+    import json
+
+    for result in (ticket, service.list_tickets(AGENT), service.get_history(AGENT, ticket["id"])):
+        assert json.loads(json.dumps(result)) == result
+
+
+# --- bad input is a ValidationError with per-field errors ------------------------------------
+
+@pytest.mark.parametrize("data,field", [
+    ({"subject": 5, "description": "x"}, "subject"),
+    ({"subject": "x", "description": ["x"]}, "description"),
+    ({"subject": "x" * 251, "description": "x"}, "subject"),
+    ({"subject": "   ", "description": "x"}, "subject"),
+    ({"subject": "x", "description": "x" * 65537}, "description"),
+    ({"description": "x"}, "subject"),
+    ({"subject": "x", "description": "x", "priority": "urgent"}, "priority"),
+    ({"subject": "x", "description": "x", "channel": "fax"}, "channel"),
+    ({"subject": "x", "description": "x", "tags": "vpn"}, "tags"),
+    ({"subject": "x", "description": "x", "tags": ["Not A Tag!"]}, "tags"),
+    ({"subject": "x", "description": "x", "tags": [f"t{i}" for i in range(21)]}, "tags"),
+    ({"subject": "x", "description": "x", "status": "open"}, "status"),          # unknown field
+    ({"subject": "x", "description": "x", "is_admin": True}, "is_admin"),
+])
+def test_create_refuses_bad_fields_by_name(service, uow, data, field):
+    assert field in invalid(service.create_ticket, ALICE, data)
+    assert count(uow, OUTBOX) == 0
+
+
+@pytest.mark.parametrize("data", [None, [], "subject=x", 42])
+def test_create_refuses_a_body_that_is_not_an_object(service, data):
+    errors = invalid(service.create_ticket, ALICE, data)
+    assert set(errors) <= {"_schema", "subject", "description"}
+
+
+@pytest.mark.parametrize("actor,field", [
+    ({"id": "x", "role": "root"}, "role"),
+    ({"id": "x"}, "role"),
+    ({"role": "agent"}, "id"),
+    ({"id": "", "role": "agent"}, "id"),
+    ({"id": "x", "role": "agent", "scopes": ["all"]}, "scopes"),
+    ({"id": "x", "role": "requester", "org_wide": "very"}, "org_wide"),
+    ({"id": 7, "role": "agent"}, "id"),
+])
+def test_a_bad_actor_is_refused_by_every_entrypoint(service, ticket, actor, field):
+    calls = [
+        lambda: service.create_ticket(actor, NEW),
+        lambda: service.get_ticket(actor, ticket["id"]),
+        lambda: service.list_tickets(actor, {}),
+        lambda: service.update_ticket(actor, ticket["id"], {"subject": "x"}),
+        lambda: service.assign_ticket(actor, ticket["id"], "agent-1"),
+        lambda: service.add_comment(actor, ticket["id"], {"body": "x"}),
+        lambda: service.list_comments(actor, ticket["id"]),
+        lambda: service.get_history(actor, ticket["id"]),
+    ]
+    for call in calls:
+        assert field in invalid(call)
+
+
+def test_missing_actor_is_refused(service):
+    assert {"id", "role"} <= set(invalid(service.list_tickets, None, {}))
+
+
+@pytest.mark.parametrize("key", ["", "k" * 201, 123, ["k"], True])
+def test_a_bad_idempotency_key_is_refused(service, ticket, uow, key):
+    assert set(invalid(service.create_ticket, ALICE, NEW, idempotency_key=key)) == {"idempotency_key"}
+    assert set(invalid(service.add_comment, ALICE, ticket["id"], {"body": "x"}, key)) == {"idempotency_key"}
+    assert count(uow, OUTBOX) == 1
+
+
+@pytest.mark.parametrize("version", ["1", 1.0, 0, -3, True, [1]])
+def test_expected_version_must_be_a_positive_integer(service, ticket, version):
+    assert set(invalid(service.update_ticket, AGENT, ticket["id"], {"priority": "low"}, version)) == {
+        "expected_version"}
+    assert set(invalid(service.assign_ticket, AGENT, ticket["id"], "agent-2", None, version)) == {
+        "expected_version"}
+    assert service.get_ticket(AGENT, ticket["id"])["version"] == 1
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"priority": 3}, "priority"),
+    ({"status": "reopened"}, "status"),
+    ({"subject": "x" * 251}, "subject"),
+    ({"subject": " "}, "subject"),
+    ({"version": 2}, "version"),
+    ({"requester_id": "bob"}, "requester_id"),
+    ({"tags": [None]}, "tags"),
+    ({"assignee_id": ""}, "assignee_id"),
+])
+def test_update_refuses_bad_fields_by_name(service, ticket, changes, field):
+    assert field in invalid(service.update_ticket, AGENT, ticket["id"], changes)
+
+
+def test_update_with_nothing_to_change_is_refused(service, ticket):
+    assert invalid(service.update_ticket, AGENT, ticket["id"], {}) == {"_schema": ["send at least one field"]}
+
+
+@pytest.mark.parametrize("data,field", [
+    ({}, "body"),
+    ({"body": ""}, "body"),
+    ({"body": "  \n "}, "body"),
+    ({"body": "x", "public": "maybe"}, "public"),
+    ({"body": "x", "internal": True}, "internal"),
+])
+def test_add_comment_refuses_bad_fields_by_name(service, ticket, data, field):
+    assert field in invalid(service.add_comment, AGENT, ticket["id"], data)
+
+
+@pytest.mark.parametrize("filters,field", [
+    ({"status": "open"}, "status"),
+    ({"status": ["reopened"]}, "status"),
+    ({"limit": 0}, "limit"),
+    ({"limit": 101}, "limit"),
+    ({"limit": "ten"}, "limit"),
+    ({"sort": "subject"}, "sort"),
+    ({"created_after": "2026-01-05T09:00:00"}, "created_after"),   # naive
+    ({"created_after": "yesterday"}, "created_after"),
+    ({"cursor": "x" * 501}, "cursor"),
+    ({"cursor": "garbage"}, "cursor"),
+    ({"page": 2}, "page"),
+])
+def test_list_refuses_bad_filters_by_name(service, filters, field):
+    assert field in invalid(service.list_tickets, AGENT, filters)
+
+
+@pytest.mark.parametrize("assignee,group,field", [
+    (123, None, "assignee_id"),
+    ("", None, "assignee_id"),
+    ("a" * 201, None, "assignee_id"),
+    ("agent-1", "g" * 51, "group"),
+])
+def test_assign_refuses_bad_arguments_by_name(service, ticket, assignee, group, field):
+    assert field in invalid(service.assign_ticket, AGENT, ticket["id"], assignee, group)
+
+
+# --- unknown ids ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ticket_id", [MISSING, "not-a-uuid", "", "1001", 1001, None, {"id": 1},
+                                       MISSING.upper(), "'; DROP TABLE tickets; --"])
+def test_unknown_ticket_ids_are_not_found_everywhere(service, ticket, ticket_id):
+    calls = [
+        lambda: service.get_ticket(AGENT, ticket_id),
+        lambda: service.update_ticket(AGENT, ticket_id, {"subject": "x"}),
+        lambda: service.assign_ticket(AGENT, ticket_id, "agent-1"),
+        lambda: service.unassign_ticket(AGENT, ticket_id),
+        lambda: service.add_comment(AGENT, ticket_id, {"body": "x"}),
+        lambda: service.list_comments(AGENT, ticket_id),
+        lambda: service.get_history(AGENT, ticket_id),
+    ]
+    for call in calls:
+        with pytest.raises(NotFound):
+            call()
+
+
+def test_someone_elses_ticket_is_not_found_and_a_viewer_may_not_write(service, ticket):
+    with pytest.raises(NotFound):
+        service.get_ticket(BOB, ticket["id"])
+    assert service.get_ticket(VIEWER, ticket["id"])["id"] == ticket["id"]
+    with pytest.raises(Forbidden):
+        service.add_comment(VIEWER, ticket["id"], {"body": "x"})
+
+
+# --- ("sla", "ticket_sla_updated"), handled once --------------------------------------------
+
+def sla_event(ticket_id, first="2026-01-05T10:00:00Z", resolution="2026-01-05T17:00:00Z", **extra):
+    payload = {"ticket_id": ticket_id, "first_response_due_at": first, "resolution_due_at": resolution}
+    return make_envelope("sla", "ticket_sla_updated", {"ticket_id": ticket_id}, {**payload, **extra})
+
+
+def sla_entries(uow) -> int:
+    with uow.read() as session:
+        return session.execute(select(func.count()).select_from(HistoryEntry)
+                               .where(HistoryEntry.action == "sla_updated")).scalar_one()
+
+
+def test_sla_event_mirrors_the_due_dates(service, ticket):
+    service.on_ticket_sla_updated(sla_event(ticket["id"]))
+    mirrored = service.get_ticket(AGENT, ticket["id"])
+    assert mirrored["first_response_due_at"] == "2026-01-05T10:00:00Z"
+    assert mirrored["resolution_due_at"] == "2026-01-05T17:00:00Z"
+
+
+def test_the_same_event_twice_has_one_effect(service, ticket, uow):
+    event = sla_event(ticket["id"])
+    service.on_ticket_sla_updated(event)
+    service.on_ticket_sla_updated(event)
+    assert sla_entries(uow) == 1 and count(uow, HANDLED_EVENTS) == 1
+    assert service.get_ticket(AGENT, ticket["id"])["version"] == 2
+
+
+def test_a_redelivered_event_does_not_undo_a_later_one(service, ticket):
+    first = sla_event(ticket["id"], resolution="2026-01-05T17:00:00Z")
+    second = sla_event(ticket["id"], resolution="2026-01-06T17:00:00Z")
+    service.on_ticket_sla_updated(first)
+    service.on_ticket_sla_updated(second)
+    service.on_ticket_sla_updated(first)  # redelivered late
+    assert service.get_ticket(AGENT, ticket["id"])["resolution_due_at"] == "2026-01-06T17:00:00Z"
+
+
+def test_a_failed_handling_is_not_remembered_so_a_retry_applies_it(service, ticket, uow, monkeypatch):
+    real_apply = operations.apply_sla_due_dates
+    failures = []
+
+    def flaky(session, ticket_id, due):
+        if not failures:
+            failures.append(True)
+            raise RuntimeError("database went away")
+        return real_apply(session, ticket_id, due)
+
+    monkeypatch.setattr(operations, "apply_sla_due_dates", flaky)
+    event = sla_event(ticket["id"])
+    with pytest.raises(RuntimeError):
+        service.on_ticket_sla_updated(event)
+    assert count(uow, HANDLED_EVENTS) == 0, "the mark must roll back with the failed handler"
+    service.on_ticket_sla_updated(event)  # the retry
+    assert sla_entries(uow) == 1
+    assert service.get_ticket(AGENT, ticket["id"])["resolution_due_at"] == "2026-01-05T17:00:00Z"
+
+
+def test_an_event_for_an_unknown_ticket_is_not_found_and_not_remembered(service, uow):
+    with pytest.raises(NotFound):
+        service.on_ticket_sla_updated(sla_event(MISSING))
+    assert count(uow, HANDLED_EVENTS) == 0
+
+
+def _without(envelope, key):
+    return {k: v for k, v in envelope.items() if k != key}
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda e: _without(e, "event_id"),
+    lambda e: {**e, "event_id": "not-a-uuid"},
+    lambda e: {**e, "occurred_at": "2026-01-05T09:00:00"},           # naive
+    lambda e: {**e, "schema_version": 0},
+    lambda e: {**e, "subject_ids": "ticket"},
+    lambda e: {**e, "unexpected": 1},
+    lambda e: {**e, "payload": "not an object"},
+    lambda e: {**e, "payload": _without(e["payload"], "ticket_id")},
+    lambda e: {**e, "payload": {**e["payload"], "resolution_due_at": "tomorrow"}},
+    lambda e: {**e, "payload": {**e["payload"], "first_response_due_at": "2026-01-05T10:00:00"}},
+    lambda e: {**e, "payload": {**e["payload"], "priority": "high"}},
+    lambda e: "just a string",
+    lambda e: None,
+    lambda e: [e],
+], ids=["no-event-id", "bad-event-id", "naive-occurred-at", "schema-version-0", "subject-ids-not-map",
+        "unknown-field", "payload-not-object", "payload-no-ticket-id", "payload-bad-date",
+        "payload-naive-date", "payload-unknown-field", "string", "none", "list"])
+def test_a_malformed_event_is_unprocessable_and_changes_nothing(service, ticket, uow, mangle):
+    with pytest.raises(UnprocessableEvent):
+        service.on_ticket_sla_updated(mangle(sla_event(ticket["id"])))
+    assert count(uow, HANDLED_EVENTS) == 0 and sla_entries(uow) == 0
