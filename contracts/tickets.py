@@ -209,6 +209,8 @@ TICKET_SLA_UPDATED = "ticket_sla_updated"
 
 
 class TicketSlaUpdatedPayload(_Strict):
+    """A target left out is unchanged; ``null`` clears it."""
+
     ticket_id = fields.String(required=True)
-    first_response_due_at = fields.AwareDateTime(allow_none=True, load_default=None)
-    resolution_due_at = fields.AwareDateTime(allow_none=True, load_default=None)
+    first_response_due_at = fields.AwareDateTime(allow_none=True)
+    resolution_due_at = fields.AwareDateTime(allow_none=True)

@@ -1,7 +1,7 @@
 """Who may see and do what with a ticket. Deny by default.
 
 * requester: own tickets (their organization's when the token says ``org_wide``); public
-  comments only; may edit subject/description of own open tickets and reply publicly.
+  comments only; may edit subject/description of their own unsolved tickets and reply publicly.
 * viewer: reads everything (internal notes included), writes nothing.
 * agent, supervisor, admin: everything.
 
@@ -66,7 +66,7 @@ def sees_internal_notes(actor: Actor) -> bool:
     return actor.is_staff or actor.role == "viewer"
 
 
-def ensure_can_edit(actor: Actor, fields: set[str]) -> None:
+def ensure_can_edit(actor: Actor, fields: set[str], ticket) -> None:
     if actor.role == "viewer":
         raise Forbidden("viewers have read-only access")
     allowed = STAFF_EDITABLE if actor.is_staff else REQUESTER_EDITABLE if actor.role == "requester" else frozenset()
@@ -74,6 +74,13 @@ def ensure_can_edit(actor: Actor, fields: set[str]) -> None:
     if refused:
         raise Forbidden(f"{actor.role}s may not change: {', '.join(refused)}",
                         {field: ["not allowed for your role"] for field in refused})
+    if actor.role == "requester":
+        # org-wide visibility is for following colleagues' tickets, not rewriting them
+        if ticket.requester_id != actor.id:
+            raise Forbidden("requesters may edit only their own tickets")
+        if ticket.status in ("solved", "closed"):
+            raise Forbidden("a solved ticket can no longer be edited; reply to reopen it",
+                            {"status": [f"ticket is {ticket.status}"]})
 
 
 def ensure_can_comment(actor: Actor, public: bool) -> None:

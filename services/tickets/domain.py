@@ -19,7 +19,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 ACTIVE_STATUSES = frozenset({"new", "open"})
 
-PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+# low=0 .. critical=3: "sort=-priority" lists the most urgent first
+PRIORITY_RANK = {name: rank for rank, name in enumerate(reversed(PRIORITIES))}
 
 
 def check_transition(old: str, new: str) -> None:

@@ -180,7 +180,7 @@ def update_ticket(session: Session, actor: Actor, ticket_id: str, changes: dict,
     if not changes:
         raise ValidationError("nothing to update", {"_schema": ["send at least one field"]})
     ticket = _readable_ticket(session, actor, ticket_id, for_update=True)
-    access.ensure_can_edit(actor, set(changes))
+    access.ensure_can_edit(actor, set(changes), ticket)
     _check_version(ticket, expected_version)  # a stale If-Match fails even when nothing would change
     if ticket.status == "closed":
         raise Conflict("closed tickets cannot be changed", {"status": ["ticket is closed"]})
@@ -253,8 +253,14 @@ def assign_ticket(session: Session, actor: Actor, ticket_id: str, assignee_id: s
     now = _now()
     _lock_version(session, ticket, expected_version, now)
     changes = _assign(session, actor, ticket, assignee_id, group, now)
-    store.add_history(session, ticket, actor, "assigned" if assignee_id else "unassigned", changes, now)
+    store.add_history(session, ticket, actor, _assignment_action(changes), changes, now)
     return ticket_view(ticket)
+
+
+def _assignment_action(changes: dict) -> str:
+    if "assignee_id" not in changes:
+        return "regrouped"
+    return "assigned" if changes["assignee_id"][1] is not None else "unassigned"
 
 
 def _assign(session, actor, ticket, assignee_id, group, now) -> dict:

@@ -16,8 +16,8 @@ STAFF_IDS = ["agent", "supervisor", "admin"]
 ROBOT = Actor("robot", "robot", "acme", org_wide=True)  # a role this service does not know
 
 
-def ticket(requester_id="alice", organization_id="acme"):
-    return SimpleNamespace(requester_id=requester_id, organization_id=organization_id)
+def ticket(requester_id="alice", organization_id="acme", status="open"):
+    return SimpleNamespace(requester_id=requester_id, organization_id=organization_id, status=status)
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_only_staff_and_viewers_see_internal_notes(actor, sees):
 
 def test_viewer_cannot_edit_comment_create_or_assign():
     with pytest.raises(Forbidden):
-        access.ensure_can_edit(VIEWER, {"subject"})
+        access.ensure_can_edit(VIEWER, {"subject"}, ticket())
     with pytest.raises(Forbidden):
         access.ensure_can_comment(VIEWER, public=True)
     with pytest.raises(Forbidden):
@@ -95,31 +95,43 @@ def test_viewer_cannot_edit_comment_create_or_assign():
 
 
 def test_requester_may_edit_subject_and_description():
-    access.ensure_can_edit(ALICE, {"subject", "description"})
+    access.ensure_can_edit(ALICE, {"subject", "description"}, ticket())
 
 
 @pytest.mark.parametrize("field", ["status", "assignee_id", "priority", "category", "tags", "group"])
 def test_requester_cannot_set_staff_fields(field):
     with pytest.raises(Forbidden) as caught:
-        access.ensure_can_edit(ALICE, {"subject", field})
+        access.ensure_can_edit(ALICE, {"subject", field}, ticket())
     assert caught.value.errors == {field: ["not allowed for your role"]}
 
 
 def test_requester_is_told_every_refused_field():
     with pytest.raises(Forbidden) as caught:
-        access.ensure_can_edit(ALICE, {"status", "priority", "subject"})
+        access.ensure_can_edit(ALICE, {"status", "priority", "subject"}, ticket())
     assert set(caught.value.errors) == {"status", "priority"}
 
 
 @pytest.mark.parametrize("actor", STAFF, ids=STAFF_IDS)
 def test_staff_may_edit_every_field(actor):
     access.ensure_can_edit(actor, {"subject", "description", "priority", "category", "tags", "status",
-                                   "assignee_id", "group"})
+                                   "assignee_id", "group"}, ticket())
+
+
+def test_org_wide_requester_cannot_edit_a_colleagues_ticket():
+    with pytest.raises(Forbidden):
+        access.ensure_can_edit(ACME_MANAGER, {"subject"}, ticket("alice"))
+
+
+@pytest.mark.parametrize("status", ["solved", "closed"])
+def test_requester_cannot_edit_a_solved_or_closed_ticket(status):
+    with pytest.raises(Forbidden) as caught:
+        access.ensure_can_edit(ALICE, {"subject"}, ticket("alice", status=status))
+    assert "status" in caught.value.errors
 
 
 def test_unknown_role_may_edit_nothing():
     with pytest.raises(Forbidden):
-        access.ensure_can_edit(ROBOT, {"subject"})
+        access.ensure_can_edit(ROBOT, {"subject"}, ticket())
 
 
 def test_requester_cannot_add_internal_notes():

@@ -114,8 +114,9 @@ def test_other_comments_are_not_the_first_response(role, public, already):
     assert not domain.is_first_response(role, public, already)
 
 
-def test_priority_rank_orders_critical_first():
-    assert sorted(domain.PRIORITY_RANK, key=domain.PRIORITY_RANK.get) == ["critical", "high", "normal", "low"]
+def test_priority_rank_grows_with_urgency_so_descending_sort_lists_critical_first():
+    assert sorted(domain.PRIORITY_RANK, key=domain.PRIORITY_RANK.get, reverse=True) == [
+        "critical", "high", "normal", "low"]
 
 
 # --- properties over random sequences of requested transitions ----------------------------

@@ -630,7 +630,7 @@ def crowd(tmp_path_factory, template_dir):
 
 def _expected_order(tickets: dict, sort: str) -> list[int]:
     key = sort.lstrip("-")
-    rank = {p: i for i, p in enumerate(PRIORITIES)}
+    rank = {p: -i for i, p in enumerate(PRIORITIES)}  # PRIORITIES runs critical..low; urgency ranks up
     value = {
         "created_at": lambda t: t["created_at"],
         "updated_at": lambda t: t["updated_at"],
@@ -723,6 +723,29 @@ def test_same_sla_due_dates_again_change_nothing(desk, uow):
             operations.apply_sla_due_dates(session, ticket["id"], due)
     assert desk.get(AGENT, ticket["id"])["version"] == 2
     assert history_actions(desk, ticket["id"]) == ["created", "sla_updated"]
+
+
+def test_sla_event_without_a_target_leaves_that_target_unchanged(desk, uow):
+    from contracts.tickets import TicketSlaUpdatedPayload
+
+    ticket = desk.create(ALICE)
+    first = TicketSlaUpdatedPayload().load({"ticket_id": ticket["id"],
+                                           "first_response_due_at": "2026-01-05T10:00:00Z",
+                                           "resolution_due_at": "2026-01-05T17:00:00Z"})
+    only_resolution = TicketSlaUpdatedPayload().load({"ticket_id": ticket["id"],
+                                                     "resolution_due_at": "2026-01-06T17:00:00Z"})
+    for due in (first, only_resolution):
+        with uow.transaction() as session:
+            operations.apply_sla_due_dates(session, ticket["id"], due)
+    mirrored = desk.get(AGENT, ticket["id"])
+    assert mirrored["first_response_due_at"] == "2026-01-05T10:00:00Z"
+    assert mirrored["resolution_due_at"] == "2026-01-06T17:00:00Z"
+
+
+def test_changing_only_the_group_of_an_unassigned_ticket_is_recorded_as_regrouped(desk):
+    ticket = desk.create(ALICE)
+    desk.assign(AGENT, ticket["id"], None, group="tier2")
+    assert history_actions(desk, ticket["id"]) == ["created", "regrouped"]
 
 
 def test_sla_due_dates_for_an_unknown_ticket_are_not_found(uow):
