@@ -128,11 +128,13 @@ def test_agent_views_filter_sort_and_paginate(api, tag):
     # sorting (default: newest first)
     assert ids() == [t["id"] for t in reversed(everyone)]
     assert ids(sort="number") == [t["id"] for t in everyone]
-    ranks = {"critical": 0, "high": 1, "normal": 2, "low": 3}
-    by_priority = api.get("/v1/tickets", as_="agent", params={"tag": tag, "sort": "priority"}).json()["items"]
-    assert [ranks[t["priority"]] for t in by_priority] == sorted(ranks[t["priority"]] for t in everyone)
+    # "-priority": most urgent first; ties in number order
     by_priority_desc = api.get("/v1/tickets", as_="agent", params={"tag": tag, "sort": "-priority"}).json()["items"]
-    assert [t["priority"] for t in by_priority_desc] == ["low", "normal", "normal", "high", "critical"]
+    assert [t["id"] for t in by_priority_desc] == [alice[2]["id"], alice[0]["id"], carol[1]["id"],
+                                                   carol[0]["id"], alice[1]["id"]]
+    by_priority = api.get("/v1/tickets", as_="agent", params={"tag": tag, "sort": "priority"}).json()["items"]
+    assert [t["id"] for t in by_priority] == [alice[1]["id"], carol[0]["id"], carol[1]["id"],
+                                              alice[0]["id"], alice[2]["id"]]
 
     # cursor pagination walks every ticket exactly once, in order, for several sorts
     for sort in ("number", "-created_at", "priority", "-updated_at"):
@@ -191,6 +193,9 @@ def test_org_wide_requester_sees_the_organizations_tickets_but_no_notes(api):
     assert [c["id"] for c in comments] == [public["id"]]
     history = api.get(f"{path}/history", as_="acme_lead").json()["items"]
     assert [e["action"] for e in history] == ["created", "commented"]
+    # following a colleague's ticket is not owning it
+    etag = api.get(path, as_="acme_lead").headers["ETag"]
+    assert_problem(api.patch(path, as_="acme_lead", json={"subject": "mine"}, headers={"If-Match": etag}), 403)
 
 
 def test_viewer_reads_everything_and_writes_nothing(api):
