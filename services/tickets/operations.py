@@ -180,10 +180,10 @@ def update_ticket(session: Session, actor: Actor, ticket_id: str, changes: dict,
     if not changes:
         raise ValidationError("nothing to update", {"_schema": ["send at least one field"]})
     ticket = _readable_ticket(session, actor, ticket_id, for_update=True)
+    if ticket.status == "closed":  # for everyone: no role could change it, so not a 403
+        raise Conflict("closed tickets cannot be changed", {"status": ["ticket is closed"]})
     access.ensure_can_edit(actor, set(changes), ticket)
     _check_version(ticket, expected_version)  # a stale If-Match fails even when nothing would change
-    if ticket.status == "closed":
-        raise Conflict("closed tickets cannot be changed", {"status": ["ticket is closed"]})
 
     field_diff = {f: [getattr(ticket, f), changes[f]] for f in EDITABLE_FIELDS
                   if f in changes and changes[f] != getattr(ticket, f)}
