@@ -19,12 +19,18 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+_COUNTERS = Counter.__table__
+# a Core statement, built once: no Counter objects live in the session, so the ORM's
+# synchronize-the-identity-map pass (and rebuilding the statement) per ticket is pure overhead
+_NEXT_TICKET_NUMBER = (
+    update(_COUNTERS).where(_COUNTERS.c.name == "ticket_number")
+    .values(value=_COUNTERS.c.value + 1).returning(_COUNTERS.c.value)
+)
+
+
 def next_ticket_number(session: Session) -> int:
     # one row-locked increment: unique across replicas on PostgreSQL, serialised on SQLite
-    return session.execute(
-        update(Counter).where(Counter.name == "ticket_number")
-        .values(value=Counter.value + 1).returning(Counter.value)
-    ).scalar_one()
+    return session.execute(_NEXT_TICKET_NUMBER).scalar_one()
 
 
 def get_ticket(session: Session, ticket_id: str, for_update: bool = False) -> Ticket | None:
