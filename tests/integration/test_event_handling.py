@@ -50,7 +50,8 @@ class Counters:
         return self.tickets.metric("helpdesk_events_dead_lettered_total", service="tickets", method=HANDLER)
 
     def duplicates(self):
-        return self.tickets.metric("helpdesk_events_duplicate_total", method=HANDLER)
+        # labelled like every other per-handler series: the handling service and method
+        return self.tickets.metric("helpdesk_events_duplicate_total", service="tickets", method=HANDLER)
 
 
 def read_dead_letters(amqp, expected):
