@@ -127,7 +127,7 @@ def handles_event_once(source_service: str, event_type: str, payload_schema=None
             event_id = str(envelope["event_id"])
             with getattr(self, db_attr).transaction() as session:
                 if not _claim(session, handler_name, event_id):
-                    metrics.EVENTS_DUPLICATE.labels(source_service, handler_name).inc()
+                    metrics.EVENTS_DUPLICATE.labels(self.name, handler_name).inc()
                     log.info("event %s already handled by %s; skipped", event_id, handler_name)
                     return None
                 return method(self, session, envelope)
