@@ -79,15 +79,21 @@ class ReliableEventHandler(EventHandler):
             eventlet.spawn_after(self.retry_delay(attempt), self.handle_message, message.payload, message)
             return result, exc_info
         self._attempts.pop(key, None)
-        self._dead_letter(message, exc)
+        self._dead_letter(message, exc, attempt)
         return result, exc_info
 
-    def _dead_letter(self, message, exc):
+    def _dead_letter(self, message, exc, attempts: int):
+        if isinstance(exc, UnprocessableEvent):
+            reason = "unprocessable"  # the message itself is malformed
+        elif not _retryable(exc):
+            reason = "rejected"  # a deterministic domain refusal: retrying gives the same answer
+        else:
+            reason = "retries_exhausted"
         try:
             headers = dict(message.headers or {})
             headers.update({
-                "x-dead-letter-reason": "unprocessable" if isinstance(exc, UnprocessableEvent)
-                else "retries_exhausted",
+                "x-dead-letter-reason": reason,
+                "x-attempts": attempts,
                 "x-error-type": type(exc).__name__,
                 "x-error-message": str(exc)[:1000],
                 "x-original-queue": self.queue.name,

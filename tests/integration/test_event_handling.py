@@ -97,6 +97,8 @@ def test_an_event_that_cannot_succeed_is_dead_lettered_not_dropped(tickets, amqp
     assert unknown["payload"]["ticket_id"] in parked["NotFound"].headers["x-error-message"]
     assert parked["UnprocessableEvent"].payload == malformed
     assert parked["UnprocessableEvent"].headers["x-dead-letter-reason"] == "unprocessable"
+    assert parked["NotFound"].headers["x-dead-letter-reason"] == "rejected"  # not retried
+    assert parked["NotFound"].headers["x-attempts"] == 1
     for message in parked.values():
         assert message.headers["x-original-queue"] == "evt-sla-ticket_sla_updated--tickets.on_ticket_sla_updated"
         assert message.properties["delivery_mode"] == 2
