@@ -20,6 +20,7 @@ from marshmallow import ValidationError as SchemaError
 from nameko.amqp.publish import Publisher
 from nameko.constants import PERSISTENT
 from nameko.events import EventHandler
+from nameko.messaging import QueueConsumer
 from sqlalchemy.exc import IntegrityError
 import eventlet
 
@@ -44,8 +45,23 @@ def dead_letter_queue(queue_name: str) -> Queue:
     return Queue(name, exchange=DEAD_LETTER_EXCHANGE, routing_key=name, durable=True)
 
 
+class DeadLetteringQueueConsumer(QueueConsumer):
+    """nameko's consumer acks and drops a body it cannot decode (kombu's default); ours hands it
+    to the handler that owns the queue, to be parked in its dead-letter queue."""
+
+    def on_decode_error(self, message, exc):
+        tag = message.delivery_info.get("consumer_tag")
+        for provider, consumer in list(self._consumers.items()):
+            if tag in consumer._active_tags.values() and hasattr(provider, "dead_letter_undecodable"):
+                provider.dead_letter_undecodable(message, exc)
+                return
+        super().on_decode_error(message, exc)
+
+
 class ReliableEventHandler(EventHandler):
     """A SERVICE_POOL, reliable-delivery event handler that dead-letters instead of dropping."""
+
+    queue_consumer = DeadLetteringQueueConsumer()
 
     def setup(self):
         super().setup()
@@ -82,6 +98,34 @@ class ReliableEventHandler(EventHandler):
         self._dead_letter(message, exc, attempt)
         return result, exc_info
 
+    def dead_letter_undecodable(self, message, exc):
+        """Runs in the consumer thread: park the raw bytes, then ack."""
+        headers = dict(message.headers or {})
+        headers.update(self._error_headers("unprocessable", 0, exc))
+        try:
+            self._dlq_publisher.publish(
+                message.body, exchange=DEAD_LETTER_EXCHANGE, routing_key=self.dlq.name, headers=headers,
+                content_type=message.content_type or "application/octet-stream",
+                content_encoding=message.content_encoding or "binary",
+            )
+        except Exception:
+            log.exception("could not dead-letter an undecodable event; requeueing it")
+            message.requeue()
+            return
+        metrics.EVENTS_DEAD_LETTERED.labels(self.container.service_name, self.method_name).inc()
+        log.error("undecodable event parked in %s: %s", self.dlq.name, exc)
+        message.ack()
+
+    def _error_headers(self, reason: str, attempts: int, exc) -> dict:
+        return {
+            "x-dead-letter-reason": reason,
+            "x-attempts": attempts,
+            "x-error-type": type(exc).__name__,
+            "x-error-message": str(exc)[:1000],
+            "x-original-queue": self.queue.name,
+            "x-dead-lettered-at": datetime.now(timezone.utc).isoformat(),
+        }
+
     def _dead_letter(self, message, exc, attempts: int):
         if isinstance(exc, UnprocessableEvent):
             reason = "unprocessable"  # the message itself is malformed
@@ -91,14 +135,7 @@ class ReliableEventHandler(EventHandler):
             reason = "retries_exhausted"
         try:
             headers = dict(message.headers or {})
-            headers.update({
-                "x-dead-letter-reason": reason,
-                "x-attempts": attempts,
-                "x-error-type": type(exc).__name__,
-                "x-error-message": str(exc)[:1000],
-                "x-original-queue": self.queue.name,
-                "x-dead-lettered-at": datetime.now(timezone.utc).isoformat(),
-            })
+            headers.update(self._error_headers(reason, attempts, exc))
             self._dlq_publisher.publish(
                 message.payload, exchange=DEAD_LETTER_EXCHANGE, routing_key=self.dlq.name,
                 headers=headers,
