@@ -86,10 +86,15 @@ def api(authenticated: bool = True):
             except GatewayTimeout:
                 response = problem_response(504, "the tickets service did not answer in time",
                                             "upstream_timeout", request_id)
-            except (UnknownService, RemoteError, ConnectionError, OSError) as exc:
-                log.warning("upstream failure: %s", exc)
+            except (UnknownService, ConnectionError, OSError) as exc:
+                log.warning("upstream unavailable: %s", exc)
                 response = problem_response(503, "a backing service is unavailable; retry shortly",
                                             "upstream_unavailable", request_id, headers={"Retry-After": "1"})
+            except RemoteError as exc:
+                # the service crashed on this request (an untyped error): a bug, not an outage
+                log.error("upstream error %s: %s", exc.exc_type, exc.value)
+                response = problem_response(500, "an unexpected error occurred; quote the request id",
+                                            "internal_error", request_id)
             except Exception:
                 log.exception("unhandled error in %s", route.__name__)
                 response = problem_response(500, "an unexpected error occurred; quote the request id",
