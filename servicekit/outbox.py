@@ -28,19 +28,23 @@ MAX_BACKOFF_SECONDS = 10.0
 RETENTION = timedelta(days=1)
 
 
+# built once; each event only binds its values (no per-call .values() coercion and cache-key work)
+_INSERT_EVENT = OUTBOX.insert()
+
+
 def add_event(session: Session, source: str, event_type: str, subject_ids: dict, payload: dict,
               occurred_at: datetime | None = None) -> dict:
     """Record an event in the caller's transaction; it is published after commit."""
     envelope = make_envelope(source, event_type, subject_ids, payload, occurred_at=occurred_at)
-    session.execute(OUTBOX.insert().values(
-        event_id=envelope["event_id"],
-        source=source,
-        event_type=event_type,
-        envelope=envelope,
-        request_id=current_request_id(),
-        created_at=datetime.now(timezone.utc),
-        attempts=0,
-    ))
+    session.execute(_INSERT_EVENT, {
+        "event_id": envelope["event_id"],
+        "source": source,
+        "event_type": event_type,
+        "envelope": envelope,
+        "request_id": current_request_id(),
+        "created_at": datetime.now(timezone.utc),
+        "attempts": 0,
+    })
     session.info["outbox_dirty"] = True
     return envelope
 
