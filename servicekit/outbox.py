@@ -6,13 +6,14 @@ consumers dedupe on ``event_id`` (see ``servicekit.events``).
 """
 import logging
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import eventlet
 from nameko.amqp.publish import Publisher
 from nameko.constants import PERSISTENT
 from nameko.standalone.events import get_event_exchange
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from contracts.events import make_envelope
@@ -26,10 +27,26 @@ BATCH_SIZE = 200
 IDLE_POLL_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 10.0
 RETENTION = timedelta(days=1)
+# the pending-events gauge is recounted at most this often (it used to be every wake-up, i.e.
+# after every commit that wrote events); metrics scrapes are far apart anyway
+PENDING_RECOUNT_SECONDS = 1.0
 
 
-# built once; each event only binds its values (no per-call .values() coercion and cache-key work)
+# built once; each call only binds its values (no per-call .values() coercion and cache-key work)
 _INSERT_EVENT = OUTBOX.insert()
+_NEXT_BATCH = (
+    select(OUTBOX.c.id, OUTBOX.c.source, OUTBOX.c.event_type, OUTBOX.c.envelope,
+           OUTBOX.c.request_id, OUTBOX.c.created_at)
+    .where(OUTBOX.c.published_at.is_(None))
+    .order_by(OUTBOX.c.id)
+    .limit(BATCH_SIZE)
+    .with_for_update(skip_locked=True)
+)
+_MARK_PUBLISHED = (
+    update(OUTBOX).where(OUTBOX.c.id.in_(bindparam("ids", expanding=True)))
+    .values(published_at=bindparam("at"), attempts=OUTBOX.c.attempts + 1)
+)
+_COUNT_PENDING = select(func.count()).select_from(OUTBOX).where(OUTBOX.c.published_at.is_(None))
 
 
 def add_event(session: Session, source: str, event_type: str, subject_ids: dict, payload: dict,
@@ -73,6 +90,7 @@ class OutboxRelay:
         self._exchanges = {}
         self._consecutive_failures = 0
         self._last_purge = datetime.now(timezone.utc)
+        self._last_recount = float("-inf")
 
     def wake(self):
         self._wake.set()
@@ -108,18 +126,10 @@ class OutboxRelay:
         return exchange
 
     def relay_batch(self) -> int:
-        table = OUTBOX
         published_ids = []
         with Session(self.engine) as session:
-            rows = session.execute(
-                select(table.c.id, table.c.source, table.c.event_type, table.c.envelope,
-                       table.c.request_id, table.c.created_at)
-                .where(table.c.published_at.is_(None))
-                .order_by(table.c.id)
-                .limit(BATCH_SIZE)
-                .with_for_update(skip_locked=True)
-            ).all()
-            self._observe_lag(session, table, rows)
+            rows = session.execute(_NEXT_BATCH).all()
+            self._observe_lag(session, rows)
             try:
                 for row in rows:
                     headers = {"nameko.request_id": row.request_id} if row.request_id else {}
@@ -135,20 +145,17 @@ class OutboxRelay:
                     published_ids.append(row.id)
             finally:
                 if published_ids:
-                    session.execute(
-                        update(table).where(table.c.id.in_(published_ids))
-                        .values(published_at=datetime.now(timezone.utc),
-                                attempts=table.c.attempts + 1)
-                    )
+                    session.execute(_MARK_PUBLISHED, {"ids": published_ids, "at": datetime.now(timezone.utc)})
                     session.commit()
                     metrics.OUTBOX_PUBLISHED.labels(self.service).inc(len(published_ids))
         return len(published_ids)
 
-    def _observe_lag(self, session, table, rows):
-        pending = session.execute(
-            select(func.count()).select_from(table).where(table.c.published_at.is_(None))
-        ).scalar_one()
-        metrics.OUTBOX_PENDING.labels(self.service).set(pending)
+    def _observe_lag(self, session, rows):
+        now = time.monotonic()
+        if now - self._last_recount >= PENDING_RECOUNT_SECONDS:
+            self._last_recount = now
+            pending = session.execute(_COUNT_PENDING).scalar_one()
+            metrics.OUTBOX_PENDING.labels(self.service).set(pending)
         if rows:
             oldest = rows[0].created_at
             if oldest.tzinfo is None:
