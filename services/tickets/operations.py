@@ -61,8 +61,7 @@ def create_ticket(session: Session, actor: Actor, data: dict, idempotency_key: s
         status="new", created_at=now, updated_at=now, version=1,
     )
     store.set_tags(ticket, data["tags"])
-    session.add(ticket)
-    session.flush()  # the ticket row first: history references it
+    store.insert_new_ticket(session, ticket)  # the ticket row first: history references it
     store.add_history(session, ticket, actor, "created", {
         "status": [None, "new"], "priority": [None, ticket.priority],
         "subject": [None, ticket.subject], "category": [None, ticket.category],

@@ -2,7 +2,7 @@
 import uuid
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, inspect as sa_inspect, or_, select, update
 from sqlalchemy.orm import Session
 
 from services.tickets.models import Comment, Counter, HistoryEntry, IdempotencyKey, Ticket, TicketTag
@@ -46,6 +46,23 @@ def get_ticket(session: Session, ticket_id: str, for_update: bool = False) -> Ti
 
 def set_tags(ticket: Ticket, tags: list[str]) -> None:
     ticket.tag_rows = [TicketTag(ticket_id=ticket.id, tag=tag) for tag in tags]
+
+
+# (column key, attribute name) of every mapped column of Ticket
+_TICKET_COLUMNS = tuple((attr.columns[0].key, attr.key) for attr in sa_inspect(Ticket).column_attrs)
+_INSERT_TICKET = Ticket.__table__.insert()
+_INSERT_TAG = TicketTag.__table__.insert()
+
+
+def insert_new_ticket(session: Session, ticket: Ticket) -> None:
+    """INSERT a just-built ticket and its tags now, with Core statements built once.
+
+    What ``session.add(ticket); session.flush()`` wrote, without the unit of work: a create
+    reads nothing back, and the object (left outside the session) still serves the views.
+    """
+    session.execute(_INSERT_TICKET, {column: getattr(ticket, attr) for column, attr in _TICKET_COLUMNS})
+    if ticket.tag_rows:
+        session.execute(_INSERT_TAG, [{"ticket_id": ticket.id, "tag": row.tag} for row in ticket.tag_rows])
 
 
 # History rows are written, never read back in the transaction that writes them, so they skip
