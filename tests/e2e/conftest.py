@@ -5,30 +5,25 @@ One stack per test module (``stack``); every module's tests are marked ``e2e``. 
 process publishes its events through a TCP proxy the tests control (``stack.proxy``), so a
 broker outage can be simulated for the outbox relay alone while RPC keeps working.
 """
-import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 import requests
-from kombu import Connection, Queue
-from nameko.standalone.events import get_event_exchange
 
 from gateway.auth import mint_token
+from tests.support.amqp import AmqpClient
+from tests.support.broker import BROKER_HOST, BROKER_PORT, VhostAdmin, amqp_uri
+from tests.support.polling import wait_for
+from tests.support.ports import free_port
+from tests.support.tcp_proxy import TcpProxyProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BROKER_HOST = os.environ.get("TEST_AMQP_HOST", "localhost")
-BROKER_PORT = int(os.environ.get("TEST_AMQP_PORT", "5672"))
-BROKER_USER, BROKER_PASSWORD = "guest", "guest"
-MANAGEMENT_URL = os.environ.get("TEST_RABBITMQ_MANAGEMENT_URL", "http://localhost:15672")
 
 START_DEADLINE_SECONDS = 45
 # the stack's gateway is generous (tests fire requests back to back); the rate-limit test
@@ -41,21 +36,8 @@ MAX_BODY_BYTES = 64 * 1024
 # --- small helpers ---------------------------------------------------------------------------
 
 def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = "condition"):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """``wait_for`` with this suite's defaults: a timeout always given, a 0.1 s poll."""
+    return wait_for(predicate, timeout=timeout, interval=interval, message=message)
 
 
 PROBLEM_TYPE_PREFIX = "urn:helpdesk:problem:"
@@ -79,129 +61,7 @@ def assert_problem(response: requests.Response, status: int, *fields: str) -> di
     return body
 
 
-# --- RabbitMQ --------------------------------------------------------------------------------
-
-class BrokerAdmin:
-    """Creates and deletes vhosts: the management API when it answers, else rabbitmqctl."""
-
-    def __init__(self):
-        self.auth = (BROKER_USER, BROKER_PASSWORD)
-        self.use_api = self._api_available()
-        if not self.use_api and shutil.which("rabbitmqctl") is None:
-            pytest.skip("no RabbitMQ management API and no rabbitmqctl to create test vhosts")
-
-    def _api_available(self) -> bool:
-        try:
-            return requests.get(f"{MANAGEMENT_URL}/api/overview", auth=self.auth, timeout=2).ok
-        except requests.RequestException:
-            return False
-
-    def add(self, name: str) -> None:
-        if self.use_api:
-            vh = quote(name, safe="")
-            requests.put(f"{MANAGEMENT_URL}/api/vhosts/{vh}", auth=self.auth, timeout=10).raise_for_status()
-            requests.put(f"{MANAGEMENT_URL}/api/permissions/{vh}/{BROKER_USER}", auth=self.auth, timeout=10,
-                         json={"configure": ".*", "write": ".*", "read": ".*"}).raise_for_status()
-        else:
-            self._ctl("add_vhost", name)
-            self._ctl("set_permissions", "-p", name, BROKER_USER, ".*", ".*", ".*")
-
-    def delete(self, name: str) -> None:
-        if self.use_api:
-            response = requests.delete(f"{MANAGEMENT_URL}/api/vhosts/{quote(name, safe='')}",
-                                       auth=self.auth, timeout=10)
-            if response.status_code not in (204, 404):
-                response.raise_for_status()
-        else:
-            self._ctl("delete_vhost", name)
-
-    @staticmethod
-    def _ctl(*args):
-        subprocess.run(["rabbitmqctl", "--quiet", *args], check=True, timeout=60,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def amqp_uri(vhost: str, host: str = BROKER_HOST, port: int = BROKER_PORT) -> str:
-    return f"amqp://{BROKER_USER}:{BROKER_PASSWORD}@{host}:{port}/{quote(vhost, safe='')}"
-
-
-class Amqp:
-    """A plain kombu connection to the stack's vhost: observer queues and raw publishing."""
-
-    def __init__(self, uri: str):
-        self.connection = Connection(uri)
-        self.channel = self.connection.channel()
-
-    def close(self):
-        self.connection.release()
-
-    def bind(self, source: str, routing_key: str) -> Queue:
-        """A queue on ``<source>.events`` bound to ``routing_key``; bind before the event happens."""
-        queue = Queue(f"e2e-{source}-{routing_key}-{uuid.uuid4().hex[:6]}",
-                      exchange=get_event_exchange(source, {}), routing_key=routing_key,
-                      durable=False, auto_delete=False)
-        queue(self.channel).declare()
-        return queue
-
-    def get(self, queue: Queue):
-        return queue(self.channel).get(no_ack=True)
-
-    def drain(self, queue: Queue) -> list:
-        messages = []
-        while (message := self.get(queue)) is not None:
-            messages.append(message)
-        return messages
-
-    def message_count(self, queue_name: str) -> int:
-        return Queue(queue_name)(self.channel).queue_declare(passive=True).message_count
-
-    def publish_event(self, source: str, event_type: str, body: dict, **kwargs) -> None:
-        exchange = get_event_exchange(source, {})
-        producer = self.connection.Producer(self.channel)
-        producer.publish(json.dumps(body), exchange=exchange, routing_key=event_type, declare=[exchange],
-                         content_type="application/json", content_encoding="utf-8",
-                         delivery_mode=2, **kwargs)
-
-
 # --- processes -------------------------------------------------------------------------------
-
-class TcpProxy:
-    """``tcp_proxy.py`` as a child process; stop() kills it (and every connection through it)."""
-
-    def __init__(self, target_host: str, target_port: int, log_path: Path):
-        self.port = free_port()
-        self.target = (target_host, target_port)
-        self.log_path = log_path
-        self.process = None
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def start(self) -> "TcpProxy":
-        assert not self.running
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("tcp_proxy.py")), str(self.port),
-             self.target[0], str(self.target[1])],
-            stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT)
-        log.close()
-        line = self.process.stdout.readline()
-        if line.strip() != b"ready":
-            self.stop()
-            raise RuntimeError(f"tcp proxy did not start on port {self.port}: {line!r}; "
-                               f"{self.log_path.read_text(errors='replace')[-2000:]}")
-        return self
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
-        process.stdout.close()
-
 
 class ServiceProcess:
     """One ``python -m servicekit.run <name>`` child with its output in a log file."""
@@ -257,7 +117,7 @@ class Stack:
         self.amqp_uri = amqp_uri(vhost)
         self.gateway_port = free_port()
         self.tickets_port = free_port()
-        self.proxy = TcpProxy(BROKER_HOST, BROKER_PORT, workdir / "proxy.log")
+        self.proxy = TcpProxyProcess(BROKER_HOST, BROKER_PORT, workdir / "proxy.log")
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("HELPDESK_", "AMQP_", "TEST_", "PYTEST_"))}
         env.update({
@@ -432,25 +292,25 @@ class Api:
 
 @pytest.fixture(scope="session")
 def broker_admin():
-    return BrokerAdmin()
+    admin = VhostAdmin.or_skip()
+    yield admin
+    admin.finish()
 
 
 @pytest.fixture(scope="module")
 def stack(broker_admin, tmp_path_factory):
     """A running stack for this test module; logs are printed if it cannot start."""
-    vhost = f"hd-e2e-{uuid.uuid4().hex[:8]}"
-    broker_admin.add(vhost)
-    running = Stack(tmp_path_factory.mktemp("e2e-stack"), vhost)
-    try:
+    with broker_admin.vhost("hd-e2e") as vhost:
+        running = Stack(tmp_path_factory.mktemp("e2e-stack"), vhost)
         try:
-            running.start()
-        except Exception as exc:
-            print(f"e2e stack failed to start: {exc}", file=sys.stderr)
-            raise
-        yield running
-    finally:
-        running.stop()
-        broker_admin.delete(vhost)
+            try:
+                running.start()
+            except Exception as exc:
+                print(f"e2e stack failed to start: {exc}", file=sys.stderr)
+                raise
+            yield running
+        finally:
+            running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -462,7 +322,8 @@ def api(stack):
 
 @pytest.fixture
 def amqp(stack):
-    client = Amqp(stack.amqp_uri)
+    """A raw AMQP client on the stack's vhost; it publishes persistent messages."""
+    client = AmqpClient(stack.amqp_uri, queue_prefix="e2e", delivery_mode=2)
     yield client
     client.close()
 

@@ -6,133 +6,32 @@ green here, as they are under ``nameko run``.
 """
 import dataclasses
 import functools
-import json
 import os
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from contextlib import contextmanager
-from urllib.parse import quote
 
 import eventlet
 import pytest
 import requests
-from kombu import Connection, Queue
 from nameko.runners import ServiceRunner
-from nameko.standalone.events import get_event_exchange
 from nameko.standalone.rpc import ClusterRpcProxy
 from prometheus_client.parser import text_string_to_metric_families
 
 from servicekit.config import ServiceSettings
 from servicekit.migrate import upgrade
-
-BROKER_HOST = os.environ.get("TEST_AMQP_HOST", "localhost")
-BROKER_PORT = int(os.environ.get("TEST_AMQP_PORT", "5672"))
-MANAGEMENT_URL = os.environ.get("TEST_RABBITMQ_MANAGEMENT_URL", "http://localhost:15672")
-BROKER_USER, BROKER_PASSWORD = "guest", "guest"
+from tests.support.amqp import AmqpClient
+from tests.support.broker import VhostAdmin, amqp_uri
+from tests.support.polling import wait_for  # noqa: F401  (the integration tests import it from here)
+from tests.support.ports import free_port
 
 STAFF = {"id": "agent-1", "role": "agent"}
 
 
-# --- polling ---------------------------------------------------------------------------------
-
-def wait_for(predicate, timeout=5.0, interval=0.05, message="condition"):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        eventlet.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # --- RabbitMQ vhost --------------------------------------------------------------------------
-
-class _ManagementApi:
-    def __init__(self, base_url):
-        self.base_url = base_url.rstrip("/")
-        self.auth = (BROKER_USER, BROKER_PASSWORD)
-
-    def available(self) -> bool:
-        try:
-            return requests.get(f"{self.base_url}/api/overview", auth=self.auth, timeout=1).ok
-        except requests.RequestException:
-            return False
-
-    def add(self, name):
-        vh = quote(name, safe="")
-        requests.put(f"{self.base_url}/api/vhosts/{vh}", auth=self.auth, timeout=10).raise_for_status()
-        requests.put(f"{self.base_url}/api/permissions/{vh}/{BROKER_USER}", auth=self.auth, timeout=10,
-                     json={"configure": ".*", "write": ".*", "read": ".*"}).raise_for_status()
-
-    def delete(self, name):
-        response = requests.delete(f"{self.base_url}/api/vhosts/{quote(name, safe='')}",
-                                   auth=self.auth, timeout=10)
-        if response.status_code not in (204, 404):
-            response.raise_for_status()
-
-
-    def finish(self):
-        pass
-
-
-class _Rabbitmqctl:
-    """Each call is a CLI start (~0.4 s), so deletions run in the background and are reaped
-    (and checked) at the end of the session."""
-
-    def __init__(self):
-        self._pending = []
-
-    def available(self) -> bool:
-        return shutil.which("rabbitmqctl") is not None
-
-    @staticmethod
-    def _run(*args):
-        subprocess.run(["rabbitmqctl", "--quiet", *args], check=True, timeout=30,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def add(self, name):
-        self._run("add_vhost", name)
-        self._run("set_permissions", "-p", name, BROKER_USER, ".*", ".*", ".*")
-
-    def delete(self, name):
-        self._pending.append((name, subprocess.Popen(
-            ["rabbitmqctl", "--quiet", "delete_vhost", name],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
-
-    def finish(self):
-        failed = []
-        for name, process in self._pending:
-            _, stderr = process.communicate(timeout=60)
-            if process.returncode != 0:
-                failed.append(f"{name}: {stderr.decode(errors='replace').strip()}")
-        self._pending.clear()
-        if failed:
-            raise RuntimeError("could not delete test vhosts: " + "; ".join(failed))
-
 
 @pytest.fixture(scope="session")
 def broker_admin():
-    """The management HTTP API when it answers (fast), else rabbitmqctl."""
-    admin = None
-    if os.environ.get("TEST_RABBITMQ_ADMIN") != "rabbitmqctl":
-        api = _ManagementApi(MANAGEMENT_URL)
-        if api.available():
-            admin = api
-    if admin is None:
-        admin = _Rabbitmqctl()
-        if not admin.available():
-            pytest.skip("no RabbitMQ management API and no rabbitmqctl to create test vhosts")
+    admin = VhostAdmin.or_skip()
     yield admin
     admin.finish()
 
@@ -153,12 +52,8 @@ def _quick_queue_consumer_shutdown():
 @pytest.fixture
 def vhost(broker_admin):
     """A fresh vhost (guest has all permissions); yields its AMQP URI, deletes it afterwards."""
-    name = f"hd-test-{uuid.uuid4().hex[:8]}"
-    broker_admin.add(name)
-    try:
-        yield f"amqp://{BROKER_USER}:{BROKER_PASSWORD}@{BROKER_HOST}:{BROKER_PORT}/{quote(name, safe='')}"
-    finally:
-        broker_admin.delete(name)
+    with broker_admin.vhost("hd-test") as name:
+        yield amqp_uri(name)
 
 
 # --- database --------------------------------------------------------------------------------
@@ -318,47 +213,8 @@ def rpc(rpc_factory):
 
 # --- raw AMQP --------------------------------------------------------------------------------
 
-class Amqp:
-    """A plain kombu connection to the test's vhost: bind observer queues, publish, read."""
-
-    def __init__(self, uri):
-        self.connection = Connection(uri)
-        self.channel = self.connection.channel()
-
-    def close(self):
-        self.connection.release()
-
-    def bind(self, source, routing_key, name=None) -> Queue:
-        """A queue on ``<source>.events``; declare it before the event is published."""
-        exchange = get_event_exchange(source, {})
-        queue = Queue(name or f"test-{source}-{routing_key}-{uuid.uuid4().hex[:6]}", exchange=exchange,
-                      routing_key=routing_key, durable=False, auto_delete=False)
-        queue(self.channel).declare()
-        return queue
-
-    def declare(self, queue: Queue) -> Queue:
-        queue(self.channel).declare()
-        return queue
-
-    def get(self, queue: Queue):
-        return queue(self.channel).get(no_ack=True)
-
-    def wait_message(self, queue: Queue, timeout=5.0):
-        return wait_for(lambda: self.get(queue), timeout=timeout, message=f"a message in {queue.name}")
-
-    def count(self, queue: Queue) -> int:
-        return queue(self.channel).queue_declare(passive=True).message_count
-
-    def publish_event(self, source, event_type, body, **kwargs):
-        exchange = get_event_exchange(source, {})
-        producer = self.connection.Producer(self.channel)
-        producer.publish(body if isinstance(body, (str, bytes)) else json.dumps(body),
-                         exchange=exchange, routing_key=event_type, declare=[exchange],
-                         content_type="application/json", content_encoding="utf-8", **kwargs)
-
-
 @pytest.fixture
 def amqp(vhost):
-    client = Amqp(vhost)
+    client = AmqpClient(vhost, queue_prefix="test")
     yield client
     client.close()

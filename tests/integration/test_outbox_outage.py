@@ -1,5 +1,4 @@
 """The outbox relay against a broker that goes away: events wait in the database, none are lost."""
-import socket
 import time
 import uuid
 
@@ -13,89 +12,25 @@ from contracts.tickets import TICKET_UPDATED
 from servicekit.context import set_current_request_id
 from servicekit.outbox import OutboxRelay, add_event
 from servicekit.tables import OUTBOX
-from tests.integration.conftest import BROKER_HOST, BROKER_PORT, free_port, wait_for
+from tests.support.broker import BROKER_HOST, BROKER_PORT
+from tests.support.polling import wait_for
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
 
-class TcpProxy:
-    """Forwards a local port to the broker; ``stop()`` is an outage (listener and every
-    connection closed), ``start()`` brings it back on the same port."""
-
-    def __init__(self, target_host=BROKER_HOST, target_port=BROKER_PORT):
-        self.target = (target_host, target_port)
-        self.port = free_port()
-        self._listener = None
-        self._acceptor = None
-        self._sockets = set()
-        self._pipes = set()
-
-    def start(self):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(16)
-        self._listener = listener
-        self._acceptor = eventlet.spawn(self._accept, listener)
-        return self
-
-    def _accept(self, listener):
-        while True:
-            client, _ = listener.accept()
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            self._sockets.update((client, upstream))
-            self._pipes.add(eventlet.spawn(self._pipe, client, upstream))
-            self._pipes.add(eventlet.spawn(self._pipe, upstream, client))
-
-    def _pipe(self, source, destination):
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                destination.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, destination):
-                self._close(sock)
-
-    def _close(self, sock):
-        self._sockets.discard(sock)
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
-
-    def stop(self):
-        if self._acceptor is not None:
-            self._acceptor.kill()
-            self._acceptor = None
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        for sock in list(self._sockets):
-            self._close(sock)
-        for pipe in list(self._pipes):
-            pipe.kill()
-        self._pipes.clear()
-
-    def uri(self, vhost_uri):
-        """``vhost_uri`` routed through this proxy."""
-        return vhost_uri.replace(f"@{BROKER_HOST}:{BROKER_PORT}/", f"@127.0.0.1:{self.port}/")
-
-
 @pytest.fixture
 def proxy():
-    proxy = TcpProxy().start()
+    """A proxy to the broker: ``stop()`` is an outage (listener and every connection closed),
+    ``start()`` brings it back on the same port."""
+    proxy = TcpProxy(BROKER_HOST, BROKER_PORT).start()
     yield proxy
     proxy.stop()
+
+
+def through(proxy, vhost_uri):
+    """``vhost_uri`` routed through ``proxy``."""
+    return vhost_uri.replace(f"@{BROKER_HOST}:{BROKER_PORT}/", f"@127.0.0.1:{proxy.port}/")
 
 
 @pytest.fixture
@@ -138,7 +73,7 @@ def outbox_row(engine, event_id):
 def test_event_committed_while_the_broker_is_unreachable_arrives_after_it_returns(
         engine, vhost, amqp, proxy, relay_through):
     observer = amqp.bind("tickets", TICKET_UPDATED)
-    relay = relay_through(proxy.uri(vhost))
+    relay = relay_through(through(proxy, vhost))
 
     # the relay works through the proxy and holds an open connection when the outage starts
     warm_up = commit_event(engine, relay, "before the outage")

@@ -9,7 +9,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from services.tickets.models import Ticket
-from tests.integration.conftest import STAFF, wait_for
+from tests.integration.conftest import STAFF
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -50,16 +51,25 @@ def slow_once(monkeypatch, method_name):
     return entered, release, results
 
 
-def test_a_call_in_flight_when_the_service_stops_completes_and_creates_one_ticket(
-        tickets_factory, rpc_factory, amqp, engine, monkeypatch):
-    entered, release, results = slow_once(monkeypatch, "create_ticket")
-    subject = f"restart {uuid.uuid4().hex[:6]}"
-    first = tickets_factory().start()
+def create_held_after_commit(tickets_factory, rpc_factory, monkeypatch, subject, description, key):
+    """Start an instance and call ``create_ticket`` in the background; return once the instance
+    has committed the ticket and is held before replying (the request not yet acked).
 
+    Returns the instance, the background caller, the ``release`` event and the results list."""
+    entered, release, results = slow_once(monkeypatch, "create_ticket")
+    first = tickets_factory().start()
     caller = call_in_background(rpc_factory, "create_ticket", STAFF,
-                                {"subject": subject, "description": "mid-flight"}, "idem-stop-1")
+                                {"subject": subject, "description": description}, key)
     with eventlet.Timeout(5):
         entered.wait()
+    return first, caller, release, results
+
+
+def test_a_call_in_flight_when_the_service_stops_completes_and_creates_one_ticket(
+        tickets_factory, rpc_factory, amqp, engine, monkeypatch):
+    subject = f"restart {uuid.uuid4().hex[:6]}"
+    first, caller, release, results = create_held_after_commit(
+        tickets_factory, rpc_factory, monkeypatch, subject, "mid-flight", "idem-stop-1")
     stopping = eventlet.spawn(first.stop)
     eventlet.sleep(0.3)  # entrypoints stop; the running worker is waited for
     release.send()
@@ -81,14 +91,10 @@ def test_a_call_in_flight_when_the_service_stops_completes_and_creates_one_ticke
 
 def test_a_call_whose_instance_dies_after_commit_is_replayed_by_the_next_and_creates_one_ticket(
         tickets_factory, rpc_factory, engine, monkeypatch):
-    entered, release, results = slow_once(monkeypatch, "create_ticket")
     subject = f"crash {uuid.uuid4().hex[:6]}"
-    first = tickets_factory().start()
-
-    caller = call_in_background(rpc_factory, "create_ticket", STAFF,
-                                {"subject": subject, "description": "committed, not acked"}, "idem-kill-1")
-    with eventlet.Timeout(5):
-        entered.wait()  # the ticket is committed; no reply sent, request not acked
+    # the ticket is committed; no reply sent, request not acked
+    first, caller, _release, results = create_held_after_commit(
+        tickets_factory, rpc_factory, monkeypatch, subject, "committed, not acked", "idem-kill-1")
     first.kill()  # a crash: the broker requeues the un-acked request
     tickets_factory().start()
 
