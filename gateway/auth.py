@@ -9,6 +9,7 @@ Claims used: ``sub`` (user id), ``role`` (requester|agent|supervisor|admin|viewe
 """
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
@@ -64,10 +65,19 @@ class AuthSettings:
         )
 
 
+# Tokens verified recently: a client sends the same token with every request, and checking its
+# signature and claims again was the gateway's largest own cost per request. An entry is used only
+# while the token still resolves to the very key object that verified it (the secret, or the JWKS
+# key currently cached for its kid), and its expiry is checked on every use exactly as PyJWT
+# checks it; everything else a verification decides cannot change for the same token and key.
+VERIFIED_TOKENS_CACHED = 4096
+
+
 class Authenticator:
     def __init__(self, settings: AuthSettings):
         self.settings = settings
         self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=300) if settings.jwks_url else None
+        self._verified: OrderedDict[str, tuple[object, int, Identity]] = OrderedDict()
 
     def authenticate(self, authorization_header: str | None) -> Identity:
         if not authorization_header:
@@ -78,6 +88,13 @@ class Authenticator:
         token = token.strip()
         try:
             key = self._jwks.get_signing_key_from_jwt(token).key if self._jwks else self.settings.secret
+            cached = self._verified.get(token)
+            if cached is not None and cached[0] is key:
+                if cached[1] <= time.time() - self.settings.leeway_seconds:  # PyJWT's exp rule
+                    self._verified.pop(token, None)
+                    raise jwt.ExpiredSignatureError("Signature has expired")
+                self._verified.move_to_end(token)
+                return cached[2]
             claims = jwt.decode(
                 token, key, algorithms=list(self.settings.algorithms),
                 audience=self.settings.audience, issuer=self.settings.issuer,
@@ -99,9 +116,13 @@ class Authenticator:
             raise AuthError("the token's sub must be a non-empty string")
         if org is not None and (not isinstance(org, str) or not org or len(org) > 200):
             raise AuthError("the token's org must be a non-empty string")
-        return Identity(sub=sub, role=role, organization_id=org,
-                        org_wide=bool(claims.get("org_wide")) and role == "requester",
-                        token_id=claims.get("jti") or f"{sub}:{role}")
+        identity = Identity(sub=sub, role=role, organization_id=org,
+                            org_wide=bool(claims.get("org_wide")) and role == "requester",
+                            token_id=claims.get("jti") or f"{sub}:{role}")
+        self._verified[token] = (key, int(claims["exp"]), identity)
+        if len(self._verified) > VERIFIED_TOKENS_CACHED:
+            self._verified.popitem(last=False)
+        return identity
 
 
 def mint_token(sub: str, role: str, org: str | None = None, org_wide: bool = False,
