@@ -74,13 +74,9 @@ def ensure_can_edit(actor: Actor, fields: set[str], ticket) -> None:
     if refused:
         raise Forbidden(f"{actor.role}s may not change: {', '.join(refused)}",
                         {field: ["not allowed for your role"] for field in refused})
-    if actor.role == "requester":
-        # org-wide visibility is for following colleagues' tickets, not rewriting them
-        if ticket.requester_id != actor.id:
-            raise Forbidden("requesters may edit only their own tickets")
-        if ticket.status in ("solved", "closed"):
-            raise Forbidden("a solved ticket can no longer be edited; reply to reopen it",
-                            {"status": [f"ticket is {ticket.status}"]})
+    # org-wide visibility is for following colleagues' tickets, not rewriting them
+    if actor.role == "requester" and ticket.requester_id != actor.id:
+        raise Forbidden("requesters may edit only their own tickets")
 
 
 def ensure_can_comment(actor: Actor, public: bool) -> None:

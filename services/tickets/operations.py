@@ -179,9 +179,13 @@ def update_ticket(session: Session, actor: Actor, ticket_id: str, changes: dict,
     if not changes:
         raise ValidationError("nothing to update", {"_schema": ["send at least one field"]})
     ticket = _readable_ticket(session, actor, ticket_id, for_update=True)
-    if ticket.status == "closed":  # for everyone: no role could change it, so not a 403
-        raise Conflict("closed tickets cannot be changed", {"status": ["ticket is closed"]})
+    # who may ask first (403: no state would allow it), then what the ticket's state allows (409)
     access.ensure_can_edit(actor, set(changes), ticket)
+    if ticket.status == "closed":
+        raise Conflict("closed tickets cannot be changed", {"status": ["ticket is closed"]})
+    if ticket.status == "solved" and not actor.is_staff:
+        raise Conflict("a solved ticket can no longer be edited; reply to reopen it",
+                       {"status": ["ticket is solved"]})
     _check_version(ticket, expected_version)  # a stale If-Match fails even when nothing would change
 
     field_diff = {f: [getattr(ticket, f), changes[f]] for f in EDITABLE_FIELDS

@@ -283,6 +283,24 @@ def test_closed_ticket_cannot_be_changed(desk):
         desk.assign(AGENT, ticket["id"], "agent-2")
 
 
+@pytest.mark.parametrize("status", ["solved", "closed"])
+def test_requester_edit_of_a_solved_or_closed_ticket_is_a_state_conflict(desk, status):
+    ticket = desk.create(ALICE)
+    desk.update(AGENT, ticket["id"], status="solved")
+    if status == "closed":
+        desk.update(AGENT, ticket["id"], status="closed")
+    with pytest.raises(Conflict):
+        desk.update(ALICE, ticket["id"], subject="typo fixed")
+
+
+def test_requester_asking_for_a_staff_field_is_forbidden_whatever_the_state(desk):
+    ticket = desk.create(ALICE)
+    desk.update(AGENT, ticket["id"], status="solved")
+    desk.update(AGENT, ticket["id"], status="closed")
+    with pytest.raises(Forbidden):
+        desk.update(ALICE, ticket["id"], status="open")
+
+
 def test_solving_stamps_solved_at_and_reopening_clears_it(desk):
     ticket = desk.create()
     solved = desk.update(AGENT, ticket["id"], status="solved")
