@@ -107,7 +107,7 @@ def _other_secret_token():
     settings = AuthSettings.load()
     from dataclasses import replace
     from gateway.auth import mint_token
-    return mint_token("alice@acme", "requester", "acme", settings=replace(settings, secret="not-the-secret"))
+    return mint_token("alice@acme", "requester", "acme", settings=replace(settings, secret="not-the-secret-but-long-enough-for-hs256"))
 
 
 @pytest.mark.parametrize("authorization", [
