@@ -17,7 +17,7 @@ HS = AuthSettings(secret="a-test-secret-of-at-least-32-bytes!!", issuer="helpdes
 def claims(**overrides):
     now = int(time.time())
     base = {"sub": "alice", "role": "requester", "org": "acme", "iss": "helpdesk-embedded",
-            "aud": "helpdesk-api", "iat": now, "exp": now + 60}
+            "aud": "helpdesk-api", "iat": now, "exp": now + 3600}  # built at collection time
     base.update(overrides)
     return {k: v for k, v in base.items() if v is not None}
 
