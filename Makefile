@@ -29,7 +29,7 @@ help:
 # All output goes to stderr so that `TOKEN=$$(make token ...)` captures only the token.
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@if [ -z "$(PYTHON311)" ]; then \
 	    echo "error: Python 3.11 not found (need python3.11, or python3 being 3.11): sudo apt-get install -y python3.11 python3.11-venv" >&2; \
 	    exit 1; \
@@ -41,8 +41,8 @@ $(STAMP): pyproject.toml
 	        echo "error: could not create the virtualenv; on Debian: sudo apt-get install -y python3.11-venv" >&2; \
 	        exit 1; }; \
 	fi
-	@echo "venv: pip install -e '.[test]' (pinned in pyproject.toml)" >&2
-	@$(VPY) -m pip install --disable-pip-version-check -e '.[test]' >&2
+	@echo "venv: pip install -e '.[test]' (pinned in pyproject.toml and constraints.txt)" >&2
+	@$(VPY) -m pip install --disable-pip-version-check -c constraints.txt -e '.[test]' >&2
 	@touch $@
 	@echo "venv: ready" >&2
 
