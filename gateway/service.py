@@ -8,6 +8,7 @@ import json
 import logging
 
 import eventlet
+from nameko.constants import NON_PERSISTENT
 from nameko.exceptions import RemoteError, UnknownService
 from nameko.extensions import DependencyProvider
 from nameko.rpc import RpcProxy
@@ -113,7 +114,7 @@ class GatewayService:
     metrics = EntrypointMetrics()
     request_id = HttpRequestContext()
     state = GatewayState()
-    tickets = RpcProxy("tickets", expiration=RPC_TIMEOUT_SECONDS)
+    tickets = RpcProxy("tickets", expiration=RPC_TIMEOUT_SECONDS, delivery_mode=NON_PERSISTENT)
 
     # --- plumbing ---------------------------------------------------------------------------
 

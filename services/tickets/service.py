@@ -4,6 +4,7 @@ import json
 import eventlet
 from sqlalchemy import text
 from marshmallow import ValidationError as SchemaError
+from nameko.constants import NON_PERSISTENT
 from nameko.rpc import RpcProxy
 from nameko.web.handlers import http
 
@@ -58,7 +59,7 @@ class TicketsService:
     db = Database()
     metrics = EntrypointMetrics()
     request_id = RequestContext()
-    self_rpc = RpcProxy(contract.SERVICE)
+    self_rpc = RpcProxy(contract.SERVICE, delivery_mode=NON_PERSISTENT)
 
     @rpc
     def create_ticket(self, actor, data, idempotency_key=None):
