@@ -3,10 +3,10 @@
 Request bodies are the tickets contract's request schemas narrowed per role, so a field a
 role may not set is an unknown field (422), exactly like a typo.
 """
-from marshmallow import RAISE, Schema, fields, validate
+from marshmallow import Schema, fields, validate
 
-from contracts.tickets import (CHANNELS, PRIORITIES, ROLES, SORTS, STATUSES, CommentRequest,
-                               CreateTicketRequest, UpdateTicketRequest)
+from contracts.tickets import (CHANNELS, PRIORITIES, ROLES, STATUSES, CommentRequest, CreateTicketRequest,
+                               ListTicketsRequest, UpdateTicketRequest)
 
 STAFF_ONLY_CREATE_FIELDS = ("requester_id", "organization_id")
 REQUESTER_UPDATE_FIELDS = ("subject", "description")
@@ -31,33 +31,21 @@ def comment_body() -> Schema:
     return _COMMENT_BODY
 
 
-class ListTicketsQuery(Schema):
-    """List fields accept ``status=open,pending`` or ``status=open&status=pending``."""
+class ListTicketsQuery(ListTicketsRequest):
+    """The tickets contract's list request under its HTTP query names.
 
-    class Meta:
-        unknown = RAISE
+    List fields accept ``status=open,pending`` or ``status=open&status=pending``.
+    """
 
-    status = fields.List(fields.String(validate=validate.OneOf(STATUSES)))
-    priority = fields.List(fields.String(validate=validate.OneOf(PRIORITIES)))
-    assignee = fields.String(validate=validate.Length(min=1, max=200),
-                             metadata={"description": "agent id, or `me`"})
-    unassigned = fields.Boolean()
-    requester = fields.String(validate=validate.Length(min=1, max=200))
-    organization = fields.String(validate=validate.Length(min=1, max=200))
-    tag = fields.String(validate=validate.Length(min=1, max=50))
-    category = fields.String(validate=validate.Length(min=1, max=100))
-    created_after = fields.AwareDateTime()
-    created_before = fields.AwareDateTime()
-    updated_after = fields.AwareDateTime()
-    updated_before = fields.AwareDateTime()
-    sort = fields.String(validate=validate.OneOf(SORTS))
-    limit = fields.Integer(validate=validate.Range(min=1, max=100))
-    cursor = fields.String(validate=validate.Length(min=1, max=500))
+    assignee_id = fields.String(data_key="assignee", validate=validate.Length(min=1, max=200),
+                                metadata={"description": "agent id, or `me`"})
+    requester_id = fields.String(data_key="requester", validate=validate.Length(min=1, max=200))
+    organization_id = fields.String(data_key="organization", validate=validate.Length(min=1, max=200))
 
 
 LIST_FIELDS = ("status", "priority")
 # HTTP query name -> tickets RPC filter name
-QUERY_TO_FILTER = {"assignee": "assignee_id", "requester": "requester_id", "organization": "organization_id"}
+QUERY_TO_FILTER = {field.data_key: name for name, field in ListTicketsQuery().fields.items() if field.data_key}
 
 
 # --- documents (response shapes, for the OpenAPI document) ----------------------------------
