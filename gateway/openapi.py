@@ -121,6 +121,17 @@ def build_openapi(server_url: str) -> dict:
                           "404": _problem("no such ticket"), **COMMON_ERRORS},
         },
     })
+    spec.path(path="/v1/tickets/{ticket_id}/comments/{comment_id}", operations={
+        "get": {
+            "summary": "One comment (the Location of a new comment)",
+            "security": secured,
+            "parameters": [TICKET_ID, {"name": "comment_id", "in": "path", "required": True,
+                                       "schema": {"type": "string", "format": "uuid"}}, REQUEST_ID],
+            "responses": {"200": {"description": "the comment", "content": _json("Comment")},
+                          "404": _problem("no such ticket or comment, or an internal note you may not see"),
+                          **COMMON_ERRORS},
+        },
+    })
     spec.path(path="/v1/tickets/{ticket_id}/history", operations={
         "get": {
             "summary": "Who changed what and when, time in each status, who had it and for how long",

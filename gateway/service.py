@@ -37,6 +37,7 @@ ROUTES = [
     ("POST", "/v1/tickets"), ("GET", "/v1/tickets"),
     ("GET", "/v1/tickets/<ticket_id>"), ("PATCH", "/v1/tickets/<ticket_id>"),
     ("POST", "/v1/tickets/<ticket_id>/comments"), ("GET", "/v1/tickets/<ticket_id>/comments"),
+    ("GET", "/v1/tickets/<ticket_id>/comments/<comment_id>"),
     ("GET", "/v1/tickets/<ticket_id>/history"),
 ]
 _ROUTE_MAP = Map([Rule(path, methods=[verb]) for verb, path in ROUTES])
@@ -279,6 +280,11 @@ class GatewayService:
     @api()
     def list_comments(self, request, identity, ticket_id):
         return web.json_response(self._call("list_comments", identity.as_actor(), ticket_id))
+
+    @http("GET", "/v1/tickets/<ticket_id>/comments/<comment_id>")
+    @api()
+    def get_comment(self, request, identity, ticket_id, comment_id):
+        return web.json_response(self._call("get_comment", identity.as_actor(), ticket_id, comment_id))
 
     @http("GET", "/v1/tickets/<ticket_id>/history")
     @api()

@@ -340,6 +340,15 @@ def list_comments(session: Session, actor: Actor, ticket_id: str) -> dict:
     return {"items": [comment_view(c) for c in comments]}
 
 
+def get_comment(session: Session, actor: Actor, ticket_id: str, comment_id: str) -> dict:
+    """One comment of a readable ticket; an internal note is NotFound for requesters."""
+    ticket = _readable_ticket(session, actor, ticket_id)
+    comment = store.get_comment(session, ticket.id, comment_id)
+    if comment is None or (not comment.public and not access.sees_internal_notes(actor)):
+        raise NotFound("comment not found")
+    return comment_view(comment)
+
+
 def get_history(session: Session, actor: Actor, ticket_id: str) -> dict:
     """The change log plus what it tells: time in each status, who had it and how long."""
     ticket = _readable_ticket(session, actor, ticket_id)

@@ -113,6 +113,11 @@ class TicketsService:
             return operations.list_comments(session, _actor(actor), ticket_id)
 
     @rpc
+    def get_comment(self, actor, ticket_id, comment_id):
+        with self.db.read() as session:
+            return operations.get_comment(session, _actor(actor), ticket_id, comment_id)
+
+    @rpc
     def get_history(self, actor, ticket_id):
         with self.db.read() as session:
             return operations.get_history(session, _actor(actor), ticket_id)

@@ -135,6 +135,16 @@ def list_tickets(session: Session, filters: dict, visibility, after: tuple | Non
     return list(session.execute(query.order_by(*order).limit(limit + 1)).scalars())
 
 
+def get_comment(session: Session, ticket_id: str, comment_id: str) -> Comment | None:
+    try:
+        uuid.UUID(comment_id)
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return session.execute(
+        select(Comment).where(Comment.id == comment_id, Comment.ticket_id == ticket_id)
+    ).scalar_one_or_none()
+
+
 def list_comments(session: Session, ticket_id: str, include_internal: bool) -> list[Comment]:
     query = select(Comment).where(Comment.ticket_id == ticket_id)
     if not include_internal:

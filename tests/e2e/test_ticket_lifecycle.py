@@ -80,6 +80,11 @@ def test_ticket_goes_from_new_to_closed_through_replies_notes_and_reopening(api)
     history = api.get(f"{path}/history", as_="alice").json()
     assert "noted" not in [e["action"] for e in history["items"]]
     assert note["id"] not in str(history)
+    # a comment's Location is readable; a note's is not, for the requester
+    assert api.get(f"{path}/comments/{reply['id']}", as_="alice").json() == reply
+    assert api.get(f"{path}/comments/{note['id']}", as_="agent").json() == note
+    assert_problem(api.get(f"{path}/comments/{note['id']}", as_="alice"), 404)
+    assert_problem(api.get(f"{path}/comments/not-a-uuid", as_="agent"), 404)
 
 
 def test_requester_reply_reopens_a_solved_ticket(api):

@@ -448,6 +448,22 @@ def test_colleague_with_org_wide_access_replies_and_reopens(desk):
     assert desk.get(AGENT, ticket["id"])["status"] == "open"
 
 
+def test_one_comment_is_readable_but_a_note_is_not_found_for_requesters(desk, uow):
+    ticket = desk.create(ALICE)
+    reply = desk.comment(AGENT, ticket["id"], "public answer")
+    note = desk.comment(AGENT, ticket["id"], "internal", public=False)
+    with uow.read() as session:
+        assert operations.get_comment(session, ALICE, ticket["id"], reply["id"]) == reply
+        assert operations.get_comment(session, AGENT, ticket["id"], note["id"]) == note
+        with pytest.raises(NotFound):
+            operations.get_comment(session, ALICE, ticket["id"], note["id"])
+        with pytest.raises(NotFound):
+            operations.get_comment(session, AGENT, ticket["id"], "not-a-uuid")
+        other = desk.create(ALICE)
+        with pytest.raises(NotFound):  # a comment is found only under its own ticket
+            operations.get_comment(session, AGENT, other["id"], reply["id"])
+
+
 def test_reply_to_a_closed_ticket_is_refused(desk, uow):
     ticket = desk.create(ALICE)
     desk.update(AGENT, ticket["id"], status="solved")
