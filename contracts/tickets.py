@@ -4,6 +4,7 @@ Event types (source "tickets"): ticket_created, ticket_updated, ticket_status_ch
 ticket_assigned, comment_added. Events consumed by tickets: ("sla", "ticket_sla_updated").
 """
 import re
+from datetime import timezone
 
 from marshmallow import RAISE, Schema, ValidationError as SchemaError, fields, post_load, validate, validates
 
@@ -126,6 +127,13 @@ class ListTicketsRequest(_Strict):
     sort = fields.String(load_default="-created_at", validate=validate.OneOf(SORTS))
     limit = fields.Integer(load_default=25, validate=validate.Range(min=1, max=100))
     cursor = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=500))
+
+    @validates("created_after", "created_before", "updated_after", "updated_before")
+    def _representable_in_utc(self, value, **_):
+        try:
+            value.astimezone(timezone.utc)
+        except OverflowError:
+            raise SchemaError("out of range once converted to UTC")
 
 
 class ActorSchema(_Strict):

@@ -25,6 +25,10 @@ class AuthError(Exception):
     """The request is not authenticated (HTTP 401)."""
 
 
+class IdentityProviderUnavailable(Exception):
+    """The JWKS could not be fetched: not the caller's fault (HTTP 503)."""
+
+
 @dataclass(frozen=True)
 class Identity:
     sub: str
@@ -103,6 +107,8 @@ class Authenticator:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("the token has expired")
+        except jwt.PyJWKClientConnectionError as exc:  # a subclass of PyJWKClientError: first
+            raise IdentityProviderUnavailable(f"the identity provider's keys are unreachable: {exc}")
         except jwt.PyJWKClientError as exc:
             raise AuthError(f"the token's signing key is unknown: {exc}")
         except jwt.InvalidTokenError as exc:
@@ -117,7 +123,7 @@ class Authenticator:
         if org is not None and (not isinstance(org, str) or not org or len(org) > 200):
             raise AuthError("the token's org must be a non-empty string")
         identity = Identity(sub=sub, role=role, organization_id=org,
-                            org_wide=bool(claims.get("org_wide")) and role == "requester",
+                            org_wide=claims.get("org_wide") is True and role == "requester",  # "false" is truthy
                             token_id=claims.get("jti") or f"{sub}:{role}")
         self._verified[token] = (key, int(claims["exp"]), identity)
         if len(self._verified) > VERIFIED_TOKENS_CACHED:

@@ -36,8 +36,8 @@ def read_json_body(request: Request, max_bytes: int) -> dict:
         raise ApiProblem(400, "the request body is empty; send a JSON object")
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiProblem(400, f"malformed JSON: {exc}", code="malformed_json")
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[...
+        raise ApiProblem(400, f"malformed JSON: {str(exc)[:200]}", code="malformed_json")
     if not isinstance(body, dict):
         raise ApiProblem(400, "the request body must be a JSON object", code="malformed_json")
     return body
@@ -69,7 +69,7 @@ def expected_version(request: Request) -> int | None:
         if tag.startswith("W/"):
             tag = tag[2:]
         tag = tag.strip('"')
-        if tag.isdigit():
+        if tag.isascii() and tag.isdigit():  # "²".isdigit() is true, int("²") is not
             versions.append(int(tag))
     if len(versions) != 1:
         raise ApiProblem(412, "If-Match must carry exactly one ETag this API issued",

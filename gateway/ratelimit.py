@@ -6,6 +6,7 @@ gateway stateless. A shared limiter (Redis) can replace ``TokenBuckets`` behind 
 import math
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 
@@ -22,7 +23,8 @@ class TokenBuckets:
         self.rate = rate_per_second
         self.burst = burst
         self.max_keys = max_keys
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
+        # key -> (tokens, last refill), least recently used first
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def take(self, key: str, now: float | None = None) -> Decision:
@@ -39,8 +41,8 @@ class TokenBuckets:
             return Decision(False, self.burst, 0, max(1, math.ceil(wait)))
 
     def _store(self, key, tokens, now):
-        if key not in self._buckets and len(self._buckets) >= self.max_keys:
-            # forget the fullest buckets first: they are the idle identities
-            for stale in [k for k, (t, _) in self._buckets.items() if t >= self.burst - 1][: self.max_keys // 10 or 1]:
-                del self._buckets[stale]
         self._buckets[key] = (tokens, now)
+        self._buckets.move_to_end(key)
+        if len(self._buckets) > self.max_keys:
+            # the least recently seen identity: idle longest, so its bucket has refilled most
+            self._buckets.popitem(last=False)

@@ -20,7 +20,7 @@ from werkzeug.wrappers import Response
 from contracts.errors import HelpdeskError, ValidationError
 from gateway import http as web
 from gateway import schemas
-from gateway.auth import AuthError, Authenticator
+from gateway.auth import AuthError, Authenticator, IdentityProviderUnavailable
 from gateway.openapi import DOCS_HTML, build_openapi
 from gateway.problems import ApiProblem, from_api_problem, from_domain_error, problem_response
 from gateway.ratelimit import TokenBuckets
@@ -125,6 +125,10 @@ class GatewayService:
         except AuthError as exc:
             raise ApiProblem(401, str(exc), code="unauthorized",
                              headers={"WWW-Authenticate": 'Bearer realm="helpdesk"'})
+        except IdentityProviderUnavailable as exc:
+            log.warning("%s", exc)
+            raise ApiProblem(503, "tokens cannot be verified right now; retry shortly",
+                             code="identity_provider_unavailable", headers={"Retry-After": "5"})
         decision = self.state.rate_limiter.take(identity.token_id)
         if not decision.allowed:
             raise ApiProblem(429, f"rate limit of {decision.limit} requests exceeded; retry in "
@@ -223,16 +227,16 @@ class GatewayService:
                                  errors={name: ["give it once"]})
             else:
                 raw[name] = values[0]
-        web.validate(schemas.ListTicketsQuery(), raw, status=400)
+        loaded = web.validate(schemas.ListTicketsQuery(), raw, status=400)
         filters = {}
         for name, value in raw.items():
-            if name == "assignee" and value == "me":
+            name = schemas.QUERY_TO_FILTER.get(name, name)
+            if name == "assignee_id" and value == "me":
                 value = identity.sub
-            if name == "unassigned":
-                value = value.lower() in ("true", "1", "yes", "on")
-            if name == "limit":
-                value = int(value)
-            filters[schemas.QUERY_TO_FILTER.get(name, name)] = value
+            elif name in ("unassigned", "limit"):
+                value = loaded[name]  # parsed exactly as validated (e.g. unassigned=t is true)
+            # dates travel as the ISO strings the caller sent: the RPC payload stays plain JSON
+            filters[name] = value
         try:
             page = self._call("list_tickets", identity.as_actor(), filters)
         except ValidationError as error:

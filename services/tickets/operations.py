@@ -149,9 +149,9 @@ def _cursor_value(sort: str, value):
             parsed = datetime.fromisoformat(value)
             if parsed.tzinfo is None:
                 raise ValueError("naive")
-            return parsed
+            return parsed.astimezone(timezone.utc)
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValidationError("malformed cursor", {"cursor": ["not a cursor this API issued"]})
 
 
@@ -194,7 +194,7 @@ def update_ticket(session: Session, actor: Actor, ticket_id: str, changes: dict,
         field_diff["tags"] = [ticket.tags, changes["tags"]]
     new_assignee = changes.get("assignee_id", ticket.assignee_id)
     assigning = new_assignee != ticket.assignee_id or (
-        changes.get("group") is not None and changes["group"] != ticket.group_name)
+        "group" in changes and changes["group"] != ticket.group_name)
     status_before = ticket.status
     # an assignment opens a new ticket first; an explicit status then has the last word
     status_after_assignment = (domain.status_after_assignment(status_before)
@@ -218,7 +218,7 @@ def update_ticket(session: Session, actor: Actor, ticket_id: str, changes: dict,
     if "description" in history:
         history["description"] = ["(previous)", "(edited)"]  # bodies stay out of history
     if assigning:
-        history.update(_assign(session, actor, ticket, new_assignee, changes.get("group"), now))
+        history.update(_assign(session, actor, ticket, new_assignee, changes.get("group", KEEP_GROUP), now))
     if wanted_status != ticket.status:
         old_status = ticket.status
         _apply_status(ticket, wanted_status, now)
@@ -251,7 +251,9 @@ def assign_ticket(session: Session, actor: Actor, ticket_id: str, assignee_id: s
     _check_version(ticket, expected_version)
     if ticket.status == "closed":
         raise Conflict("closed tickets cannot be reassigned", {"status": ["ticket is closed"]})
-    if assignee_id == ticket.assignee_id and (group is None or group == ticket.group_name):
+    # the RPC's group=None means "keep the group" (routing assigns within a tier); PATCH can clear it
+    group = KEEP_GROUP if group is None else group
+    if assignee_id == ticket.assignee_id and group in (KEEP_GROUP, ticket.group_name):
         return ticket_view(ticket)  # idempotent: routing may retry the call
     now = _now()
     _lock_version(session, ticket, expected_version, now)
@@ -266,12 +268,15 @@ def _assignment_action(changes: dict) -> str:
     return "assigned" if changes["assignee_id"][1] is not None else "unassigned"
 
 
+KEEP_GROUP = object()  # "leave the group as it is", as opposed to None: "no group"
+
+
 def _assign(session, actor, ticket, assignee_id, group, now) -> dict:
     """Apply an assignment (version already taken) and announce it; returns the changes."""
     changes = {}
     if assignee_id != ticket.assignee_id:
         changes["assignee_id"] = [ticket.assignee_id, assignee_id]
-    if group is not None and group != ticket.group_name:
+    if group is not KEEP_GROUP and group != ticket.group_name:
         changes["group"] = [ticket.group_name, group]
         ticket.group_name = group
     old_assignee = ticket.assignee_id
@@ -352,7 +357,7 @@ def get_comment(session: Session, actor: Actor, ticket_id: str, comment_id: str)
 def get_history(session: Session, actor: Actor, ticket_id: str) -> dict:
     """The change log plus what it tells: time in each status, who had it and how long."""
     ticket = _readable_ticket(session, actor, ticket_id)
-    entries = store.list_history(session, ticket.id, include_internal=True)
+    entries = store.list_history(session, ticket.id)
     timeline = [(e.occurred_at, e.changes) for e in entries]
     now = _now()
     status_periods = domain.periods_of("status", "new", ticket.created_at, timeline)

@@ -122,6 +122,7 @@ def test_agent_views_filter_sort_and_paginate(api, tag):
     same(ids(assignee="agent-1"), [alice[1]])
     same(ids(unassigned="true"), [alice[0], alice[2]] + carol)
     same(ids(unassigned="false"), [alice[1]])
+    same(ids(unassigned="t"), [alice[0], alice[2]] + carol)  # parsed exactly as validated
     same(ids(category="network"), carol)
     same(ids(category="billing"), [alice[0]])
     same(ids(requester="carol@globex"), carol)

@@ -141,3 +141,20 @@ def test_jwks_token_from_another_issuer_is_refused(identity_provider):
     token = jwt.encode(claims(iss="evil-idp"), key, algorithm="RS256", headers={"kid": kid})
     with pytest.raises(AuthError, match="invalid token"):
         Authenticator(settings).authenticate(bearer(token))
+
+
+@pytest.mark.parametrize("value", ["false", "0", 1, "true"])
+def test_only_a_literal_true_org_wide_claim_widens_visibility(value):
+    identity = Authenticator(HS).authenticate(bearer(jwt.encode(claims(org_wide=value), HS.secret)))
+    assert identity.org_wide is False
+
+
+def test_unreachable_jwks_is_an_outage_not_a_bad_token():
+    from gateway.auth import IdentityProviderUnavailable
+
+    settings = AuthSettings(secret="unused", issuer="https-idp", audience="helpdesk-api",
+                            jwks_url="http://127.0.0.1:9/jwks.json", algorithms=("RS256",), leeway_seconds=0)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    token = jwt.encode(claims(iss="https-idp"), key, algorithm="RS256", headers={"kid": "k"})
+    with pytest.raises(IdentityProviderUnavailable):
+        Authenticator(settings).authenticate(bearer(token))

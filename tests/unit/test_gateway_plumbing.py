@@ -116,3 +116,26 @@ def test_domain_errors_become_problem_documents():
     assert response.content_type == "application/problem+json"
     assert body == {"type": "urn:helpdesk:problem:not_found", "title": "Not found", "status": 404,
                     "detail": "ticket not found", "request_id": "rid-1"}
+
+
+@pytest.mark.parametrize("header", ['"²"', '"١٢"'])
+def test_if_match_with_non_ascii_digits_is_412_not_a_crash(header):
+    with pytest.raises(ApiProblem) as caught:
+        web.expected_version(request(headers={"If-Match": header}))
+    assert caught.value.status == 412
+
+
+def test_deeply_nested_json_is_malformed_not_a_crash():
+    with pytest.raises(ApiProblem) as caught:
+        web.read_json_body(request(b"[" * 200_000), 1024 * 1024)
+    assert caught.value.status == 400
+
+
+def test_idle_identities_are_forgotten_first_when_the_table_is_full():
+    buckets = TokenBuckets(rate_per_second=1, burst=2, max_keys=3)
+    for key in ("a", "b", "c"):
+        buckets.take(key, now=0)
+        buckets.take(key, now=0)  # drained
+    buckets.take("a", now=1)      # a is recent again
+    buckets.take("d", now=2)      # evicts b, the least recently seen
+    assert list(buckets._buckets) == ["c", "a", "d"]

@@ -782,6 +782,38 @@ def test_changing_only_the_group_of_an_unassigned_ticket_is_recorded_as_regroupe
     assert history_actions(desk, ticket["id"]) == ["created", "regrouped"]
 
 
+def test_a_group_can_be_set_and_cleared_by_update(desk):
+    ticket = desk.create(ALICE)
+    assert desk.update(AGENT, ticket["id"], group="billing")["group"] == "billing"
+    cleared = desk.update(AGENT, ticket["id"], group=None)
+    assert cleared["group"] is None and cleared["version"] == 3
+
+
+def test_assign_rpc_without_a_group_keeps_the_group(desk):
+    ticket = desk.create(ALICE)
+    desk.assign(AGENT, ticket["id"], "agent-1", group="tier2")
+    assert desk.assign(AGENT, ticket["id"], "agent-2")["group"] == "tier2"
+
+
+@pytest.mark.parametrize("field", ["created_after", "created_before", "updated_after", "updated_before"])
+def test_dates_that_overflow_in_utc_are_invalid_not_a_crash(field):
+    from contracts.tickets import ListTicketsRequest
+    from marshmallow import ValidationError as SchemaError
+
+    with pytest.raises(SchemaError) as caught:
+        ListTicketsRequest().load({field: "9999-12-31T23:59:59-01:00"})
+    assert field in caught.value.normalized_messages()
+
+
+def test_cursor_with_a_date_that_overflows_in_utc_is_malformed(desk, uow):
+    from services.tickets import cursor
+
+    forged = cursor.encode("-created_at", "0001-01-01T00:00:00+01:00", 5)
+    with pytest.raises(ValidationError):
+        with uow.read() as session:
+            operations.list_tickets(session, AGENT, {"sort": "-created_at", "limit": 5, "cursor": forged})
+
+
 def test_sla_due_dates_for_an_unknown_ticket_are_not_found(uow):
     with pytest.raises(NotFound):
         with uow.transaction() as session:
