@@ -222,10 +222,7 @@ class Database(DependencyProvider):
         self.engine.dispose()
 
     def kill(self):
-        self.relay.stop()
-        if self.checkpointer is not None:
-            self.checkpointer.stop()
-        self.engine.dispose()
+        self.stop()
 
     def get_dependency(self, worker_ctx):
         return UnitOfWork(self.session_factory, self.relay.wake)

@@ -67,10 +67,12 @@ def add_event(session: Session, source: str, event_type: str, subject_ids: dict,
 
 
 class OutboxRelay:
-    """Publishes committed outbox rows in order; one per service instance.
+    """Publishes committed outbox rows, at least once; one relay per service instance.
 
-    Several replicas may run: on PostgreSQL rows are claimed with ``FOR UPDATE SKIP LOCKED``
-    so each row is published by one relay at a time.
+    One relay publishes in row order. Several replicas may run: on PostgreSQL rows are claimed
+    with ``FOR UPDATE SKIP LOCKED`` so each row is published by one relay at a time, and then
+    order across replicas (and across concurrently committing transactions) is not guaranteed;
+    consumers must not rely on it (envelopes carry ``occurred_at``, snapshots a ``version``).
     """
 
     def __init__(self, engine, amqp_uri: str, service: str):

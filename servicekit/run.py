@@ -15,7 +15,6 @@ eventlet.monkey_patch()
 import argparse  # noqa: E402
 import importlib  # noqa: E402
 import logging  # noqa: E402
-import warnings  # noqa: E402
 
 from servicekit.config import ServiceSettings  # noqa: E402
 from servicekit.logs import configure_logging  # noqa: E402

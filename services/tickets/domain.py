@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from contracts.errors import Conflict, InvalidTransition
-from contracts.tickets import PRIORITIES
+from contracts.tickets import PRIORITIES, STAFF_ROLES
 
 # new -> open -> pending (waiting on requester) / on_hold (waiting on a third party) -> solved -> closed
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -50,7 +50,7 @@ def status_after_assignment(status: str) -> str:
 
 
 def is_first_response(author_role: str, public: bool, already_responded: bool) -> bool:
-    return public and author_role in ("agent", "supervisor", "admin") and not already_responded
+    return public and author_role in STAFF_ROLES and not already_responded
 
 
 # --- what the history tells ---------------------------------------------------------------

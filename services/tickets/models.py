@@ -38,7 +38,7 @@ class Ticket(Base):
     organization_id: Mapped[str | None] = mapped_column(String(200), index=True)
     channel: Mapped[str] = mapped_column(String(10))
     priority: Mapped[str] = mapped_column(String(10))
-    # critical=0 .. low=3: lets "sort by priority" use an index and a keyset cursor
+    # low=0 .. critical=3 (domain.PRIORITY_RANK): lets "sort by priority" use an index and a cursor
     priority_rank: Mapped[int] = mapped_column(SmallInteger, index=True)
     category: Mapped[str | None] = mapped_column(String(100), index=True)
     status: Mapped[str] = mapped_column(String(10), index=True)

@@ -152,11 +152,11 @@ def list_comments(session: Session, ticket_id: str, include_internal: bool) -> l
     return list(session.execute(query.order_by(Comment.created_at, Comment.id)).scalars())
 
 
-def list_history(session: Session, ticket_id: str, include_internal: bool) -> list[HistoryEntry]:
-    query = select(HistoryEntry).where(HistoryEntry.ticket_id == ticket_id)
-    if not include_internal:
-        query = query.where(HistoryEntry.public.is_(True))
-    return list(session.execute(query.order_by(HistoryEntry.id)).scalars())
+def list_history(session: Session, ticket_id: str) -> list[HistoryEntry]:
+    """Every entry, internal ones included: time in status is derived from all of them."""
+    return list(session.execute(
+        select(HistoryEntry).where(HistoryEntry.ticket_id == ticket_id).order_by(HistoryEntry.id)
+    ).scalars())
 
 
 def find_idempotency_key(session: Session, actor_id: str, key: str) -> IdempotencyKey | None:
