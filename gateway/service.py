@@ -140,16 +140,18 @@ class GatewayService:
         with eventlet.Timeout(self.state.settings.rpc_timeout_seconds, GatewayTimeout()):
             return getattr(self.tickets, method)(*args, **kwargs)
 
-    @staticmethod
-    def _ensure_can_write(identity):
-        """Read-only roles are refused before their body is looked at: a viewer's PATCH naming a
+    def _write_body(self, request, identity, schema) -> dict:
+        """The body of a write, read and validated; the order of refusals is the same everywhere.
+
+        Read-only roles are refused before their body is looked at: a viewer's PATCH naming a
         staff-only field is 403 like any other viewer write, not 'unknown field' (which would
-        suggest another body could work)."""
+        suggest another body could work).
+        """
         if identity.role == "viewer":
             raise ApiProblem(403, "viewers have read-only access", code="forbidden")
-
-    def _body(self, request):
-        return web.read_json_body(request, self.state.settings.max_body_bytes)
+        body = web.read_json_body(request, self.state.settings.max_body_bytes)
+        web.validate(schema, body)
+        return body  # forwarded as sent: the service applies its own defaults
 
     @staticmethod
     def _ticket_response(ticket: dict, status: int = 200, extra: dict | None = None) -> Response:
@@ -203,9 +205,7 @@ class GatewayService:
     @http("POST", "/v1/tickets")
     @api()
     def create_ticket(self, request, identity):
-        self._ensure_can_write(identity)
-        body = self._body(request)
-        web.validate(schemas.create_ticket_body(identity.is_staff()), body)
+        body = self._write_body(request, identity, schemas.create_ticket_body(identity.is_staff()))
         key = self._idempotency_key(request)
         result = self._call("create_ticket", identity.as_actor(), body, key)
         ticket = result["ticket"]
@@ -257,9 +257,7 @@ class GatewayService:
     @http("PATCH", "/v1/tickets/<ticket_id>")
     @api()
     def update_ticket(self, request, identity, ticket_id):
-        self._ensure_can_write(identity)
-        body = self._body(request)
-        web.validate(schemas.update_ticket_body(identity.is_staff()), body)
+        body = self._write_body(request, identity, schemas.update_ticket_body(identity.is_staff()))
         if not body:
             raise ApiProblem(422, "send at least one field to change", code="validation_error",
                              errors={"_schema": ["empty update"]})
@@ -270,9 +268,7 @@ class GatewayService:
     @http("POST", "/v1/tickets/<ticket_id>/comments")
     @api()
     def add_comment(self, request, identity, ticket_id):
-        self._ensure_can_write(identity)
-        body = self._body(request)
-        web.validate(schemas.comment_body(), body)
+        body = self._write_body(request, identity, schemas.comment_body())
         key = self._idempotency_key(request)
         result = self._call("add_comment", identity.as_actor(), ticket_id, body, key)
         headers = {"Location": f"/v1/tickets/{ticket_id}/comments/{result['comment']['id']}"}
