@@ -44,7 +44,11 @@ _ROUTE_MAP = Map([Rule(path, methods=[verb]) for verb, path in ROUTES])
 
 
 class GatewayTimeout(Exception):
-    pass
+    """The named service did not answer within the RPC timeout."""
+
+    def __init__(self, service: str):
+        super().__init__(service)
+        self.service = service
 
 
 class HttpRequestContext(RequestContext):
@@ -85,8 +89,8 @@ def api(authenticated: bool = True):
                 response = from_api_problem(problem, request_id)
             except HelpdeskError as error:
                 response = from_domain_error(error, request_id)
-            except GatewayTimeout:
-                response = problem_response(504, "the tickets service did not answer in time",
+            except GatewayTimeout as timeout:
+                response = problem_response(504, f"the {timeout.service} service did not answer in time",
                                             "upstream_timeout", request_id)
             except (UnknownService, ConnectionError, OSError) as exc:
                 log.warning("upstream unavailable: %s", exc)
@@ -116,6 +120,7 @@ class GatewayService:
     request_id = HttpRequestContext()
     state = GatewayState()
     tickets = RpcProxy("tickets", expiration=RPC_TIMEOUT_SECONDS, delivery_mode=NON_PERSISTENT)
+    routing = RpcProxy("routing", expiration=RPC_TIMEOUT_SECONDS, delivery_mode=NON_PERSISTENT)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -136,9 +141,14 @@ class GatewayService:
                              headers={"Retry-After": str(decision.retry_after_seconds)})
         return identity
 
+    def _call_service(self, service: str, method: str, *args, **kwargs):
+        """``service.method(*args)`` over RPC, or GatewayTimeout (504 naming the service)."""
+        proxy = {"tickets": self.tickets, "routing": self.routing}[service]
+        with eventlet.Timeout(self.state.settings.rpc_timeout_seconds, GatewayTimeout(service)):
+            return getattr(proxy, method)(*args, **kwargs)
+
     def _call(self, method: str, *args, **kwargs):
-        with eventlet.Timeout(self.state.settings.rpc_timeout_seconds, GatewayTimeout()):
-            return getattr(self.tickets, method)(*args, **kwargs)
+        return self._call_service("tickets", method, *args, **kwargs)
 
     def _write_body(self, request, identity, schema) -> dict:
         """The body of a write, read and validated; the order of refusals is the same everywhere.
@@ -180,7 +190,7 @@ class GatewayService:
     @api(authenticated=False)
     def readyz(self, request):
         try:
-            with eventlet.Timeout(2, GatewayTimeout()):
+            with eventlet.Timeout(2, GatewayTimeout("tickets")):
                 self.tickets.health_ping()
         except (GatewayTimeout, UnknownService, RemoteError, OSError) as exc:
             return web.json_response({"status": "unavailable", "tickets": type(exc).__name__}, 503)
