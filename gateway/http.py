@@ -55,10 +55,13 @@ def etag_for(version: int) -> str:
     return f'"{version}"'
 
 
-def expected_version(request: Request) -> int | None:
-    """The version an ``If-Match`` names; ``*`` means any. Missing: 428 (no blind overwrites)."""
+def expected_version(request: Request, required: bool = True) -> int | None:
+    """The version an ``If-Match`` names; ``*`` means any. Missing: 428 (no blind overwrites),
+    or any version (None) where the route makes the header optional."""
     header = request.headers.get("If-Match")
     if header is None:
+        if not required:
+            return None
         raise ApiProblem(428, "send If-Match with the ETag you last read, so you don't overwrite "
                               "someone else's change", code="precondition_required")
     if header.strip() == "*":
