@@ -2,6 +2,7 @@
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
+from contracts import routing
 from gateway import schemas
 
 PROBLEM = {"application/problem+json": {"schema": "Problem"}}
@@ -25,6 +26,25 @@ IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
                    "schema": {"type": "string", "maxLength": 200},
                    "description": "same key and body: the first response again; same key, other body: 422"}
 ETAG_HEADER = {"ETag": {"schema": {"type": "string"}, "description": "the ticket version; send it in If-Match"}}
+AGENT_ID = {"name": "agent_id", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "an agent's id (their token subject), or `me` for yourself"}
+RULE_ID = {"name": "rule_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+AGENT_ETAG = {"ETag": {"schema": {"type": "string"}, "description": "the agent's version; send it in If-Match"}}
+RULE_ETAG = {"ETag": {"schema": {"type": "string"}, "description": "the rule's version; send it in If-Match"}}
+IF_MATCH_REQUIRED = {"name": "If-Match", "in": "header", "required": True, "schema": {"type": "string"},
+                     "description": "the ETag you last read (`*`: any version)"}
+IF_MATCH_OPTIONAL = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
+                     "description": "the ETag you last read; without it the change applies to any version"}
+STAFF_ONLY = _problem("requesters have no access here; viewers cannot write; or your role may not do this")
+STAFF_READ = _problem("requesters have no access here")
+BODY_ERRORS = {
+    "400": _problem("malformed JSON"), "413": _problem("body too large"), "415": _problem("not JSON"),
+    "422": _problem("invalid or unknown fields"),
+}
+
+
+def _roles(roles) -> str:
+    return "Roles: " + ", ".join(roles) + "."
 
 
 def _json(schema_name):
@@ -37,7 +57,7 @@ def build_openapi(server_url: str) -> dict:
         version="1.0.0",
         openapi_version="3.0.3",
         plugins=[MarshmallowPlugin()],
-        info={"description": "Tickets, comments and history behind one gateway. Errors are "
+        info={"description": "Tickets, comments, history, agents and routing behind one gateway. Errors are "
                              "application/problem+json (RFC 9457)."},
         servers=[{"url": server_url}],
     )
@@ -51,6 +71,30 @@ def build_openapi(server_url: str) -> dict:
     spec.components.schema("CreateTicket", schema=schemas.create_ticket_body(is_staff=True).__class__)
     spec.components.schema("UpdateTicket", schema=schemas.update_ticket_body(is_staff=True).__class__)
     spec.components.schema("NewComment", schema=schemas.comment_body().__class__)
+    spec.components.schema("AgentSkill", schema=schemas.AgentSkillDocument)
+    spec.components.schema("Agent", schema=schemas.AgentDocument)
+    spec.components.schema("AgentList", schema=schemas.AgentList)
+    spec.components.schema("Skill", schema=schemas.SkillDocument)
+    spec.components.schema("SkillList", schema=schemas.SkillList)
+    spec.components.schema("RuleCondition", schema=schemas.RuleConditionDocument)
+    spec.components.schema("RuleActions", schema=schemas.RuleActionsDocument)
+    spec.components.schema("Rule", schema=schemas.RuleDocument)
+    spec.components.schema("RuleList", schema=schemas.RuleList)
+    spec.components.schema("TierQueue", schema=schemas.TierQueueDocument)
+    spec.components.schema("Queues", schema=schemas.QueuesDocument)
+    spec.components.schema("RoutingCandidate", schema=schemas.CandidateDocument)
+    spec.components.schema("RoutingDecision", schema=schemas.DecisionDocument)
+    spec.components.schema("TicketRouting", schema=schemas.TicketRoutingDocument)
+    spec.components.schema("Escalation", schema=schemas.EscalationDocument)
+    spec.components.schema("NewAgentSkill", schema=routing.AgentSkillSchema)
+    spec.components.schema("NewAgent", schema=routing.CreateAgentRequest)
+    spec.components.schema("UpdateAgent", schema=routing.UpdateAgentRequest)
+    spec.components.schema("SetPresence", schema=routing.PresenceRequest)
+    spec.components.schema("NewSkill", schema=routing.SkillRequest)
+    spec.components.schema("NewRuleCondition", schema=routing.RuleConditionSchema)
+    spec.components.schema("NewRuleActions", schema=routing.RuleActionsSchema)
+    spec.components.schema("RuleBody", schema=routing.RuleRequest)
+    spec.components.schema("Escalate", schema=routing.EscalateRequest)
     secured = [{"bearer": []}]
 
     spec.path(path="/v1/tickets", operations={
@@ -140,10 +184,158 @@ def build_openapi(server_url: str) -> dict:
                           "404": _problem("no such ticket"), **COMMON_ERRORS},
         },
     })
+    _routing_paths(spec, secured)
     for path, summary in (("/healthz", "Liveness"), ("/readyz", "Readiness: broker and tickets answer")):
         spec.path(path=path, operations={"get": {"summary": summary, "responses": {
             "200": {"description": "ok"}, "503": {"description": "not ready"}}}})
     return spec.to_dict()
+
+
+def _routing_paths(spec: APISpec, secured: list) -> None:
+    """Agents, skills, rules, queues and escalation: served by the routing service, staff only."""
+    manage_agents = _roles(routing.MANAGE_AGENT_ROLES)
+    manage_rules = _roles(routing.MANAGE_RULE_ROLES)
+    read = _roles(routing.READ_ROLES)
+
+    spec.path(path="/v1/agents", operations={
+        "get": {
+            "summary": "List agents", "description": read, "security": secured,
+            "parameters": [{"in": "query", "schema": schemas.LIST_AGENTS_QUERY.__class__}, REQUEST_ID],
+            "responses": {"200": {"description": "agents matching every filter", "content": _json("AgentList")},
+                          "403": STAFF_READ, "422": _problem("unknown filter or bad value"), **COMMON_ERRORS},
+        },
+        "post": {
+            "summary": "Register an agent for routing",
+            "description": f"{manage_agents} The id is the agent's token subject.",
+            "security": secured, "parameters": [REQUEST_ID],
+            "requestBody": {"required": True, "content": _json("NewAgent")},
+            "responses": {"201": {"description": "created", "headers": AGENT_ETAG, "content": _json("Agent")},
+                          "403": STAFF_ONLY, "409": _problem("an agent with this id is already registered"),
+                          **BODY_ERRORS, **COMMON_ERRORS},
+        },
+    })
+    agent_presence = {
+        "summary": "Set an agent's presence (online, away, offline)",
+        "description": "`me`: your own presence. Another agent's: " + ", ".join(routing.MANAGE_AGENT_ROLES)
+                       + ". Coming online lets routing offer the agent queued tickets.",
+        "security": secured,
+        "requestBody": {"required": True, "content": _json("SetPresence")},
+        "responses": {"200": {"description": "the agent", "headers": AGENT_ETAG, "content": _json("Agent")},
+                      "403": STAFF_ONLY, "404": _problem("no such agent"), **BODY_ERRORS, **COMMON_ERRORS},
+    }
+    spec.path(path="/v1/agents/{agent_id}", operations={
+        "get": {
+            "summary": "Read an agent, with their current load", "description": read,
+            "security": secured, "parameters": [AGENT_ID, REQUEST_ID],
+            "responses": {"200": {"description": "the agent", "headers": AGENT_ETAG, "content": _json("Agent")},
+                          "304": {"description": "If-None-Match matched"},
+                          "403": STAFF_READ, "404": _problem("no such agent"), **COMMON_ERRORS},
+        },
+        "patch": {
+            "summary": "Change an agent's tiers, skills, languages, groups or capacity",
+            "description": f"{manage_agents} Fields left out are unchanged; presence has its own route.",
+            "security": secured, "parameters": [AGENT_ID, REQUEST_ID, IF_MATCH_REQUIRED],
+            "requestBody": {"required": True, "content": _json("UpdateAgent")},
+            "responses": {"200": {"description": "updated", "headers": AGENT_ETAG, "content": _json("Agent")},
+                          "403": STAFF_ONLY, "404": _problem("no such agent"),
+                          "412": _problem("the agent changed since you read it"),
+                          "428": _problem("If-Match missing"), **BODY_ERRORS, **COMMON_ERRORS},
+        },
+    })
+    spec.path(path="/v1/agents/{agent_id}/presence", operations={
+        "put": {**agent_presence, "parameters": [AGENT_ID, REQUEST_ID]}})
+    spec.path(path="/v1/agents/me/presence", operations={
+        "put": {**agent_presence, "summary": "Set your own presence", "parameters": [REQUEST_ID]}})
+
+    spec.path(path="/v1/routing/skills", operations={
+        "get": {
+            "summary": "The skill catalogue", "description": read, "security": secured,
+            "parameters": [REQUEST_ID],
+            "responses": {"200": {"description": "every skill", "content": _json("SkillList")},
+                          "403": STAFF_READ, **COMMON_ERRORS},
+        },
+        "post": {
+            "summary": "Add a skill to the catalogue", "description": manage_agents, "security": secured,
+            "parameters": [REQUEST_ID], "requestBody": {"required": True, "content": _json("NewSkill")},
+            "responses": {"201": {"description": "created", "content": _json("Skill")},
+                          "403": STAFF_ONLY, "409": _problem("the skill is already in the catalogue"),
+                          **BODY_ERRORS, **COMMON_ERRORS},
+        },
+    })
+    spec.path(path="/v1/routing/rules", operations={
+        "get": {
+            "summary": "Routing rules in the order they run", "description": read, "security": secured,
+            "parameters": [REQUEST_ID],
+            "responses": {"200": {"description": "every rule, by position", "content": _json("RuleList")},
+                          "403": STAFF_READ, **COMMON_ERRORS},
+        },
+        "post": {
+            "summary": "Add a routing rule",
+            "description": f"{manage_rules} Rules run lowest position first; a matching rule applies its "
+                           "actions (category, required skills, tier, priority) and stops later rules if "
+                           "`stop` is set.",
+            "security": secured, "parameters": [REQUEST_ID],
+            "requestBody": {"required": True, "content": _json("RuleBody")},
+            "responses": {"201": {"description": "created", "headers": RULE_ETAG, "content": _json("Rule")},
+                          "403": STAFF_ONLY, "409": _problem(f"already {routing.MAX_RULES} rules"),
+                          **BODY_ERRORS, **COMMON_ERRORS},
+        },
+    })
+    spec.path(path="/v1/routing/rules/{rule_id}", operations={
+        "get": {
+            "summary": "Read a routing rule", "description": read, "security": secured,
+            "parameters": [RULE_ID, REQUEST_ID],
+            "responses": {"200": {"description": "the rule", "headers": RULE_ETAG, "content": _json("Rule")},
+                          "304": {"description": "If-None-Match matched"},
+                          "403": STAFF_READ, "404": _problem("no such rule"), **COMMON_ERRORS},
+        },
+        "put": {
+            "summary": "Replace a routing rule", "description": f"{manage_rules} The body is the whole rule.",
+            "security": secured, "parameters": [RULE_ID, REQUEST_ID, IF_MATCH_OPTIONAL],
+            "requestBody": {"required": True, "content": _json("RuleBody")},
+            "responses": {"200": {"description": "replaced", "headers": RULE_ETAG, "content": _json("Rule")},
+                          "403": STAFF_ONLY, "404": _problem("no such rule"),
+                          "412": _problem("the rule changed since you read it"), **BODY_ERRORS, **COMMON_ERRORS},
+        },
+        "delete": {
+            "summary": "Delete a routing rule", "description": manage_rules, "security": secured,
+            "parameters": [RULE_ID, REQUEST_ID, IF_MATCH_OPTIONAL],
+            "responses": {"204": {"description": "deleted"}, "403": STAFF_ONLY, "404": _problem("no such rule"),
+                          "412": _problem("the rule changed since you read it"), **COMMON_ERRORS},
+        },
+    })
+    spec.path(path="/v1/routing/queues", operations={
+        "get": {
+            "summary": "Waiting tickets and online capacity per tier", "description": read,
+            "security": secured, "parameters": [REQUEST_ID],
+            "responses": {"200": {"description": "a snapshot", "content": _json("Queues")},
+                          "403": STAFF_READ, **COMMON_ERRORS},
+        },
+    })
+    spec.path(path="/v1/tickets/{ticket_id}/escalate", operations={
+        "post": {
+            "summary": "Escalate a ticket to a higher tier",
+            "description": f"{_roles(routing.ESCALATE_ROLES)} Without to_tier: the next tier up. Routing "
+                           "then decides again in the new tier; the response carries that decision.",
+            "security": secured, "parameters": [TICKET_ID, REQUEST_ID],
+            "requestBody": {"required": True, "content": _json("Escalate")},
+            "responses": {"200": {"description": "escalated, with the routing decision it led to",
+                                  "content": _json("Escalation")},
+                          "403": STAFF_ONLY, "404": _problem("no such ticket"),
+                          "409": _problem("the ticket cannot move to that tier (e.g. it is already there)"),
+                          **BODY_ERRORS, **COMMON_ERRORS},
+        },
+    })
+    spec.path(path="/v1/tickets/{ticket_id}/routing", operations={
+        "get": {
+            "summary": "Why a ticket went where it did: its tier, queue state and routing decisions",
+            "description": read, "security": secured, "parameters": [TICKET_ID, REQUEST_ID],
+            "responses": {"200": {"description": "the routing record, decisions oldest first",
+                                  "content": _json("TicketRouting")},
+                          "403": STAFF_READ, "404": _problem("no such ticket, or routing has no record of it"),
+                          **COMMON_ERRORS},
+        },
+    })
 
 
 DOCS_HTML = """<!doctype html>

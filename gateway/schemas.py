@@ -1,10 +1,12 @@
 """HTTP bodies and query strings of the /v1 API, and the documents it returns.
 
-Request bodies are the tickets contract's request schemas narrowed per role, so a field a
-role may not set is an unknown field (422), exactly like a typo.
+Ticket request bodies are the tickets contract's request schemas narrowed per role, so a field a
+role may not set is an unknown field (422), exactly like a typo. Agent and routing bodies are the
+routing contract's request schemas as they are: who may send them is decided by role alone.
 """
 from marshmallow import Schema, fields, validate
 
+from contracts import routing
 from contracts.tickets import (CHANNELS, PRIORITIES, ROLES, STATUSES, CommentRequest, CreateTicketRequest,
                                ListTicketsRequest, UpdateTicketRequest)
 
@@ -46,6 +48,16 @@ class ListTicketsQuery(ListTicketsRequest):
 LIST_FIELDS = ("status", "priority")
 # HTTP query name -> tickets RPC filter name
 QUERY_TO_FILTER = {field.data_key: name for name, field in ListTicketsQuery().fields.items() if field.data_key}
+
+
+# routing: built once, like the ticket bodies
+CREATE_AGENT_BODY = routing.CreateAgentRequest()
+UPDATE_AGENT_BODY = routing.UpdateAgentRequest()
+PRESENCE_BODY = routing.PresenceRequest()
+SKILL_BODY = routing.SkillRequest()
+RULE_BODY = routing.RuleRequest()
+ESCALATE_BODY = routing.EscalateRequest()
+LIST_AGENTS_QUERY = routing.ListAgentsRequest()
 
 
 # --- documents (response shapes, for the OpenAPI document) ----------------------------------
@@ -115,6 +127,141 @@ class HistoryDocument(Schema):
     time_in_status = fields.Dict(keys=fields.String(), values=fields.Float(),
                                  metadata={"description": "seconds spent in each status so far"})
     assignment_periods = fields.List(fields.Nested(AssignmentPeriod))
+
+
+# --- routing documents ------------------------------------------------------------------------
+
+class AgentSkillDocument(Schema):
+    name = fields.String()
+    proficiency = fields.Integer(allow_none=True, metadata={
+        "description": f"1 (basic) .. {routing.MAX_PROFICIENCY} (expert); null: level unstated"})
+
+
+class AgentDocument(Schema):
+    id = fields.String(metadata={"description": "the agent's token subject"})
+    display_name = fields.String()
+    tiers = fields.List(fields.String(validate=validate.OneOf(routing.TIERS)))
+    skills = fields.List(fields.Nested(AgentSkillDocument))
+    languages = fields.List(fields.String())
+    groups = fields.List(fields.String())
+    capacity = fields.Integer(metadata={"description": "how many active (new, open) tickets at once"})
+    presence = fields.String(validate=validate.OneOf(routing.PRESENCES))
+    presence_changed_at = fields.String(metadata={"format": "date-time"})
+    active_tickets = fields.Integer(metadata={"description": "current load: assigned new and open tickets"})
+    last_assigned_at = fields.String(allow_none=True, metadata={"format": "date-time"})
+    version = fields.Integer(metadata={"description": "also the ETag"})
+    created_at = fields.String(metadata={"format": "date-time"})
+    updated_at = fields.String(metadata={"format": "date-time"})
+
+
+class AgentList(Schema):
+    items = fields.List(fields.Nested(AgentDocument))
+
+
+class SkillDocument(Schema):
+    name = fields.String()
+    description = fields.String(allow_none=True)
+    created_at = fields.String(metadata={"format": "date-time"})
+
+
+class SkillList(Schema):
+    items = fields.List(fields.Nested(SkillDocument))
+
+
+class RuleConditionDocument(Schema):
+    field = fields.String(validate=validate.OneOf(routing.RULE_FIELDS))
+    operator = fields.String(validate=validate.OneOf(routing.RULE_OPERATORS))
+    value = fields.Raw(metadata={"description": "a string (matches, equals) or a list of strings "
+                                                "(contains_any, contains_all, in)"})
+
+
+class RuleActionsDocument(Schema):
+    set_category = fields.String()
+    require_skills = fields.List(fields.String())
+    set_tier = fields.String(validate=validate.OneOf(routing.TIERS))
+    raise_priority = fields.String(validate=validate.OneOf(PRIORITIES))
+
+
+class RuleDocument(Schema):
+    id = fields.String(metadata={"format": "uuid"})
+    name = fields.String()
+    position = fields.Integer(metadata={"description": "lower runs first"})
+    enabled = fields.Boolean()
+    match = fields.String(validate=validate.OneOf(("all", "any")))
+    conditions = fields.List(fields.Nested(RuleConditionDocument))
+    actions = fields.Nested(RuleActionsDocument)
+    stop = fields.Boolean(metadata={"description": "a match stops later rules from running"})
+    version = fields.Integer(metadata={"description": "also the ETag"})
+    created_at = fields.String(metadata={"format": "date-time"})
+    updated_at = fields.String(metadata={"format": "date-time"})
+
+
+class RuleList(Schema):
+    items = fields.List(fields.Nested(RuleDocument))
+
+
+class TierQueueDocument(Schema):
+    tier = fields.String(validate=validate.OneOf(routing.TIERS))
+    depth = fields.Integer(metadata={"description": "tickets waiting for an agent"})
+    oldest_queued_at = fields.String(allow_none=True, metadata={"format": "date-time"})
+    oldest_age_seconds = fields.Float(allow_none=True)
+    agents_online = fields.Integer()
+    active_tickets = fields.Integer(metadata={"description": "load of the tier's online agents"})
+    capacity_online = fields.Integer(metadata={"description": "capacity of the tier's online agents"})
+
+
+class QueuesDocument(Schema):
+    as_of = fields.String(metadata={"format": "date-time"})
+    tiers = fields.List(fields.Nested(TierQueueDocument))
+
+
+DECISION_OUTCOMES = ("assigned", "assigning", "queued", "released", "escalated")
+EXCLUSIONS = ("offline", "away", "not_in_tier", "missing_skills", "at_capacity")
+ROUTING_STATES = ("queued", "assigning", "assigned", "idle")
+
+
+class CandidateDocument(Schema):
+    agent_id = fields.String()
+    excluded = fields.String(allow_none=True, validate=validate.OneOf(EXCLUSIONS),
+                             metadata={"description": "why the agent could not take it; null: eligible"})
+    missing_skills = fields.List(fields.String())
+    load = fields.Integer()
+    capacity = fields.Integer()
+    idle_since = fields.String(allow_none=True, metadata={"format": "date-time"})
+    rank = fields.Integer(allow_none=True, metadata={"description": "1: chosen first; null: excluded"})
+
+
+class DecisionDocument(Schema):
+    id = fields.String(metadata={"format": "uuid"})
+    ticket_id = fields.String(metadata={"format": "uuid"})
+    decided_at = fields.String(metadata={"format": "date-time"})
+    trigger = fields.String(validate=validate.OneOf(routing.TRIGGERS))
+    tier = fields.String(validate=validate.OneOf(routing.TIERS))
+    outcome = fields.String(validate=validate.OneOf(DECISION_OUTCOMES))
+    agent_id = fields.String(allow_none=True)
+    required_skills = fields.List(fields.String())
+    skills_relaxed = fields.Boolean(metadata={"description": "the ticket had waited long enough that "
+                                                             "its required skills were not insisted on"})
+    detail = fields.String(allow_none=True)
+    candidates = fields.List(fields.Nested(CandidateDocument))
+
+
+class TicketRoutingDocument(Schema):
+    ticket_id = fields.String(metadata={"format": "uuid"})
+    tier = fields.String(validate=validate.OneOf(routing.TIERS))
+    state = fields.String(validate=validate.OneOf(ROUTING_STATES))
+    assignee_id = fields.String(allow_none=True)
+    required_skills = fields.List(fields.String())
+    queued_at = fields.String(allow_none=True, metadata={"format": "date-time"})
+    decisions = fields.List(fields.Nested(DecisionDocument))
+
+
+class EscalationDocument(Schema):
+    ticket_id = fields.String(metadata={"format": "uuid"})
+    from_tier = fields.String(validate=validate.OneOf(routing.TIERS))
+    to_tier = fields.String(validate=validate.OneOf(routing.TIERS))
+    reason = fields.String()
+    decision = fields.Nested(DecisionDocument)
 
 
 class Problem(Schema):

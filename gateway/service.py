@@ -39,6 +39,15 @@ ROUTES = [
     ("POST", "/v1/tickets/<ticket_id>/comments"), ("GET", "/v1/tickets/<ticket_id>/comments"),
     ("GET", "/v1/tickets/<ticket_id>/comments/<comment_id>"),
     ("GET", "/v1/tickets/<ticket_id>/history"),
+    ("POST", "/v1/tickets/<ticket_id>/escalate"), ("GET", "/v1/tickets/<ticket_id>/routing"),
+    ("GET", "/v1/agents"), ("POST", "/v1/agents"),
+    ("GET", "/v1/agents/<agent_id>"), ("PATCH", "/v1/agents/<agent_id>"),
+    ("PUT", "/v1/agents/<agent_id>/presence"),  # also /v1/agents/me/presence
+    ("GET", "/v1/routing/skills"), ("POST", "/v1/routing/skills"),
+    ("GET", "/v1/routing/rules"), ("POST", "/v1/routing/rules"),
+    ("GET", "/v1/routing/rules/<rule_id>"), ("PUT", "/v1/routing/rules/<rule_id>"),
+    ("DELETE", "/v1/routing/rules/<rule_id>"),
+    ("GET", "/v1/routing/queues"),
 ]
 _ROUTE_MAP = Map([Rule(path, methods=[verb]) for verb, path in ROUTES])
 
@@ -150,6 +159,11 @@ class GatewayService:
     def _call(self, method: str, *args, **kwargs):
         return self._call_service("tickets", method, *args, **kwargs)
 
+    @staticmethod
+    def _refuse_read_only(identity) -> None:
+        if identity.role == "viewer":
+            raise ApiProblem(403, "viewers have read-only access", code="forbidden")
+
     def _write_body(self, request, identity, schema) -> dict:
         """The body of a write, read and validated; the order of refusals is the same everywhere.
 
@@ -157,16 +171,21 @@ class GatewayService:
         staff-only field is 403 like any other viewer write, not 'unknown field' (which would
         suggest another body could work).
         """
-        if identity.role == "viewer":
-            raise ApiProblem(403, "viewers have read-only access", code="forbidden")
+        self._refuse_read_only(identity)
         body = web.read_json_body(request, self.state.settings.max_body_bytes)
         web.validate(schema, body)
         return body  # forwarded as sent: the service applies its own defaults
 
     @staticmethod
-    def _ticket_response(ticket: dict, status: int = 200, extra: dict | None = None) -> Response:
-        headers = {"ETag": web.etag_for(ticket["version"]), **(extra or {})}
-        return web.json_response(ticket, status, headers)
+    def _versioned_response(document: dict, status: int = 200, extra: dict | None = None) -> Response:
+        """A ticket, agent or rule, with its version as the ETag."""
+        headers = {"ETag": web.etag_for(document["version"]), **(extra or {})}
+        return web.json_response(document, status, headers)
+
+    def _versioned_read(self, request, document: dict) -> Response:
+        if web.not_modified(request, document["version"]):
+            return Response(status=304, headers={"ETag": web.etag_for(document["version"])})
+        return self._versioned_response(document)
 
     @staticmethod
     def _idempotency_key(request) -> str | None:
@@ -222,7 +241,7 @@ class GatewayService:
         extra = {"Location": f"/v1/tickets/{ticket['id']}"}
         if result["replayed"]:
             extra["Idempotent-Replayed"] = "true"
-        return self._ticket_response(ticket, 201, extra)
+        return self._versioned_response(ticket, 201, extra)
 
     @http("GET", "/v1/tickets")
     @api()
@@ -260,9 +279,7 @@ class GatewayService:
     @api()
     def get_ticket(self, request, identity, ticket_id):
         ticket = self._call("get_ticket", identity.as_actor(), ticket_id)
-        if web.not_modified(request, ticket["version"]):
-            return Response(status=304, headers={"ETag": web.etag_for(ticket["version"])})
-        return self._ticket_response(ticket)
+        return self._versioned_read(request, ticket)
 
     @http("PATCH", "/v1/tickets/<ticket_id>")
     @api()
@@ -273,7 +290,7 @@ class GatewayService:
                              errors={"_schema": ["empty update"]})
         expected = web.expected_version(request)
         ticket = self._call("update_ticket", identity.as_actor(), ticket_id, body, expected)
-        return self._ticket_response(ticket)
+        return self._versioned_response(ticket)
 
     @http("POST", "/v1/tickets/<ticket_id>/comments")
     @api()
@@ -300,6 +317,143 @@ class GatewayService:
     @api()
     def history(self, request, identity, ticket_id):
         return web.json_response(self._call("get_history", identity.as_actor(), ticket_id))
+
+    # --- agents and routing (the routing service) --------------------------------------------
+    # The routing service decides who may do what (supervisors manage agents, admins manage
+    # rules, ...). The gateway refuses early only what no body or id could change: requesters
+    # have nothing here, viewers write nothing.
+
+    @staticmethod
+    def _refuse_requesters(identity) -> None:
+        if identity.role == "requester":
+            raise ApiProblem(403, "agents, escalation and routing are for staff; requesters have no "
+                                  "access", code="forbidden")
+
+    def _routing(self, method: str, identity, *args):
+        return self._call_service("routing", method, identity.as_actor(), *args)
+
+    @staticmethod
+    def _agent_id(identity, agent_id: str) -> str:
+        return identity.sub if agent_id == "me" else agent_id
+
+    @http("GET", "/v1/agents")
+    @api()
+    def list_agents(self, request, identity):
+        self._refuse_requesters(identity)
+        filters = {}
+        for name in request.args:
+            values = request.args.getlist(name)
+            if len(values) > 1:
+                raise ApiProblem(422, f"query parameter {name} given more than once", code="validation_error",
+                                 errors={name: ["give it once"]})
+            filters[name] = values[0]
+        web.validate(schemas.LIST_AGENTS_QUERY, filters)
+        return web.json_response(self._routing("list_agents", identity, filters))
+
+    @http("POST", "/v1/agents")
+    @api()
+    def create_agent(self, request, identity):
+        self._refuse_requesters(identity)
+        body = self._write_body(request, identity, schemas.CREATE_AGENT_BODY)
+        agent = self._routing("create_agent", identity, body)
+        return self._versioned_response(agent, 201, {"Location": f"/v1/agents/{agent['id']}"})
+
+    @http("GET", "/v1/agents/<agent_id>")
+    @api()
+    def get_agent(self, request, identity, agent_id):
+        self._refuse_requesters(identity)
+        agent = self._routing("get_agent", identity, self._agent_id(identity, agent_id))
+        return self._versioned_read(request, agent)
+
+    @http("PATCH", "/v1/agents/<agent_id>")
+    @api()
+    def update_agent(self, request, identity, agent_id):
+        self._refuse_requesters(identity)
+        body = self._write_body(request, identity, schemas.UPDATE_AGENT_BODY)
+        if not body:
+            raise ApiProblem(422, "send at least one field to change", code="validation_error",
+                             errors={"_schema": ["empty update"]})
+        expected = web.expected_version(request)
+        agent = self._routing("update_agent", identity, self._agent_id(identity, agent_id), body, expected)
+        return self._versioned_response(agent)
+
+    @http("PUT", "/v1/agents/<agent_id>/presence")  # <agent_id> "me": /v1/agents/me/presence
+    @api()
+    def set_presence(self, request, identity, agent_id):
+        self._refuse_requesters(identity)
+        body = self._write_body(request, identity, schemas.PRESENCE_BODY)
+        agent = self._routing("set_presence", identity, self._agent_id(identity, agent_id), body["presence"])
+        return self._versioned_response(agent)
+
+    @http("GET", "/v1/routing/skills")
+    @api()
+    def list_skills(self, request, identity):
+        self._refuse_requesters(identity)
+        return web.json_response(self._routing("list_skills", identity))
+
+    @http("POST", "/v1/routing/skills")
+    @api()
+    def create_skill(self, request, identity):
+        self._refuse_requesters(identity)
+        body = self._write_body(request, identity, schemas.SKILL_BODY)
+        return web.json_response(self._routing("create_skill", identity, body), 201)
+
+    @http("GET", "/v1/routing/rules")
+    @api()
+    def list_rules(self, request, identity):
+        self._refuse_requesters(identity)
+        return web.json_response(self._routing("list_rules", identity))
+
+    @http("POST", "/v1/routing/rules")
+    @api()
+    def create_rule(self, request, identity):
+        self._refuse_requesters(identity)
+        body = self._write_body(request, identity, schemas.RULE_BODY)
+        rule = self._routing("create_rule", identity, body)
+        return self._versioned_response(rule, 201, {"Location": f"/v1/routing/rules/{rule['id']}"})
+
+    @http("GET", "/v1/routing/rules/<rule_id>")
+    @api()
+    def get_rule(self, request, identity, rule_id):
+        self._refuse_requesters(identity)
+        return self._versioned_read(request, self._routing("get_rule", identity, rule_id))
+
+    @http("PUT", "/v1/routing/rules/<rule_id>")
+    @api()
+    def update_rule(self, request, identity, rule_id):
+        self._refuse_requesters(identity)
+        body = self._write_body(request, identity, schemas.RULE_BODY)
+        expected = web.expected_version(request, required=False)
+        rule = self._routing("update_rule", identity, rule_id, body, expected)
+        return self._versioned_response(rule)
+
+    @http("DELETE", "/v1/routing/rules/<rule_id>")
+    @api()
+    def delete_rule(self, request, identity, rule_id):
+        self._refuse_requesters(identity)
+        self._refuse_read_only(identity)
+        expected = web.expected_version(request, required=False)
+        self._routing("delete_rule", identity, rule_id, expected)
+        return Response(status=204)
+
+    @http("GET", "/v1/routing/queues")
+    @api()
+    def get_queues(self, request, identity):
+        self._refuse_requesters(identity)
+        return web.json_response(self._routing("get_queues", identity))
+
+    @http("POST", "/v1/tickets/<ticket_id>/escalate")
+    @api()
+    def escalate_ticket(self, request, identity, ticket_id):
+        self._refuse_requesters(identity)
+        body = self._write_body(request, identity, schemas.ESCALATE_BODY)
+        return web.json_response(self._routing("escalate_ticket", identity, ticket_id, body))
+
+    @http("GET", "/v1/tickets/<ticket_id>/routing")
+    @api()
+    def ticket_routing(self, request, identity, ticket_id):
+        self._refuse_requesters(identity)
+        return web.json_response(self._routing("get_ticket_routing", identity, ticket_id))
 
     # --- everything else --------------------------------------------------------------------
 
