@@ -1,6 +1,7 @@
 """Reliable, idempotent event handling.
 
-``@handles_event_once(source, event_type)`` on a service method ``(self, session, envelope)``:
+``@handles_event_once(source, event_type)`` on a service method ``(self, session, envelope)``
+(which may return ``AfterCommit(func, ...)`` for work that must follow the commit):
 
 * validates the envelope (a malformed one is dead-lettered at once: retrying cannot fix it);
 * records the ``event_id`` in ``handled_events`` in the same transaction as the handler's
@@ -150,6 +151,19 @@ class ReliableEventHandler(EventHandler):
         self.queue_consumer.ack_message(message)
 
 
+class AfterCommit:
+    """Returned by a handler: work to run once the handler's transaction has committed (calls
+    to other services that must see the change). The event already counts as handled then: a
+    failure here is not retried by the event machinery, so the service needs its own way to
+    finish the work (routing's sweeper, for instance)."""
+
+    def __init__(self, func, *args, **kwargs):
+        self.func, self.args, self.kwargs = func, args, kwargs
+
+    def run(self):
+        return self.func(*self.args, **self.kwargs)
+
+
 def _retryable(exc: BaseException) -> bool:
     # domain errors and bad payloads are deterministic: same input, same failure
     return not isinstance(exc, (UnprocessableEvent, HelpdeskError, SchemaError))
@@ -173,7 +187,10 @@ def handles_event_once(source_service: str, event_type: str, payload_schema=None
                     metrics.EVENTS_DUPLICATE.labels(self.name, handler_name).inc()
                     log.info("event %s already handled by %s; skipped", event_id, handler_name)
                     return None
-                return method(self, session, envelope)
+                result = method(self, session, envelope)
+            if isinstance(result, AfterCommit):
+                result.run()
+            return None
 
         return ReliableEventHandler.decorator(source_service, event_type)(wrapper)
 
