@@ -60,7 +60,7 @@ run: $(STAMP) broker migrate
 	@echo "  API:     http://localhost:8000/v1        docs: http://localhost:8000/v1/docs"
 	@echo "  token:   make token ROLE=agent SUB=alice [ORG=acme]"
 	@echo "           curl -H \"Authorization: Bearer \$$(make token ROLE=agent SUB=alice)\" http://localhost:8000/v1/..."
-	@echo "  metrics: gateway :8000/metrics, tickets :9101/metrics"
+	@echo "  metrics: gateway :8000/metrics, tickets :9101/metrics, routing :9102/metrics"
 	@echo "  Ctrl-C stops everything."
 	@echo
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PYTHONUNBUFFERED=1 \

@@ -10,7 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_AMQP_URI = "amqp://guest:guest@localhost:5672/"
 
 # Default per-service HTTP ports for /metrics and probes (the gateway owns 8000).
-DEFAULT_HTTP_PORTS = {"gateway": 8000, "tickets": 9101}
+DEFAULT_HTTP_PORTS = {"gateway": 8000, "tickets": 9101, "routing": 9102}
 
 
 def env(service: str, setting: str, default=None):

@@ -8,7 +8,7 @@ from alembic.config import Config
 
 from servicekit.config import REPO_ROOT, ServiceSettings
 
-MIGRATING_SERVICES = ("tickets",)
+MIGRATING_SERVICES = ("tickets", "routing")
 
 
 def alembic_config(service: str, url: str) -> Config:

@@ -22,6 +22,7 @@ from servicekit.logs import configure_logging  # noqa: E402
 # the process name -> its nameko service class
 SERVICES = {
     "tickets": "services.tickets.service:TicketsService",
+    "routing": "services.routing.service:RoutingService",
     "gateway": "gateway.service:GatewayService",
 }
 

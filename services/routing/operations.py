@@ -1,0 +1,448 @@
+"""What the routing RPCs and ticket events do to routing's tables, on a session the caller commits.
+
+Nothing here talks to another service: ``router.py`` orchestrates the calls to tickets around
+these transactions.
+"""
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from contracts import routing as contract
+from contracts.errors import Conflict, Forbidden, NotFound, PreconditionFailed, ValidationError
+from contracts.events import iso_utc
+from servicekit.outbox import add_event
+from services.routing import domain
+from services.routing.models import Agent, Decision, RoutedTicket, Rule, Skill
+
+@dataclass(frozen=True)
+class Actor:
+    """The caller, as the gateway verified it (contracts.tickets.ActorSchema)."""
+
+    id: str
+    role: str
+    organization_id: str | None = None
+    org_wide: bool = False
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "role": self.role, "organization_id": self.organization_id,
+                "org_wide": self.org_wide}
+
+
+# routing acts on tickets under this identity (assign, unassign, escalation notes)
+SYSTEM_ACTOR = {"id": "system:routing", "role": "supervisor", "organization_id": None, "org_wide": False}
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _require(actor, roles, doing: str) -> None:
+    if actor.role not in roles:
+        raise Forbidden(f"{actor.role}s may not {doing}")
+
+
+def _check_version(current: int, expected: int | None, what: str) -> None:
+    if expected is not None and current != expected:
+        raise PreconditionFailed(f"the {what} changed since you read it (version {current}, you sent {expected})",
+                                 {"version": [f"current version is {current}"]})
+
+
+def _unknown_skills(session: Session, names, field: str) -> None:
+    names = set(names)
+    if not names:
+        return
+    known = set(session.scalars(select(Skill.name).where(Skill.name.in_(names))))
+    unknown = sorted(names - known)
+    if unknown:
+        raise ValidationError(f"unknown skills {unknown}: define them first (POST /v1/routing/skills)",
+                              {field: [f"unknown skill: {name}" for name in unknown]})
+
+
+# --- skills ---------------------------------------------------------------------------------------
+
+def skill_view(skill: Skill) -> dict:
+    return {"name": skill.name, "description": skill.description, "created_at": iso_utc(skill.created_at)}
+
+
+def create_skill(session: Session, actor, data: dict) -> dict:
+    _require(actor, contract.MANAGE_AGENT_ROLES, "define skills")
+    if session.get(Skill, data["name"]) is not None:
+        raise Conflict(f"skill {data['name']!r} already exists", {"name": ["already exists"]})
+    skill = Skill(name=data["name"], description=data.get("description"), created_at=now_utc())
+    session.add(skill)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict(f"skill {data['name']!r} already exists", {"name": ["already exists"]})
+    return skill_view(skill)
+
+
+def list_skills(session: Session, actor) -> dict:
+    _require(actor, contract.READ_ROLES, "read skills")
+    return {"items": [skill_view(s) for s in session.scalars(select(Skill).order_by(Skill.name))]}
+
+
+# --- agents ---------------------------------------------------------------------------------------
+
+def _active_load_query():
+    return (select(RoutedTicket.assignee_id, func.count())
+            .where(RoutedTicket.assignee_id.is_not(None),
+                   RoutedTicket.status.in_(contract.ACTIVE_STATUSES))
+            .group_by(RoutedTicket.assignee_id))
+
+
+def agent_loads(session: Session) -> dict:
+    return dict(session.execute(_active_load_query()).all())
+
+
+def agent_load(session: Session, agent_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(RoutedTicket).where(
+        RoutedTicket.assignee_id == agent_id, RoutedTicket.status.in_(contract.ACTIVE_STATUSES))) or 0
+
+
+def agent_view(agent: Agent, load: int) -> dict:
+    return {
+        "id": agent.id, "display_name": agent.display_name, "tiers": agent.tiers, "skills": agent.skills,
+        "languages": agent.languages, "groups": agent.groups, "capacity": agent.capacity,
+        "presence": agent.presence, "presence_changed_at": iso_utc(agent.presence_changed_at),
+        "active_tickets": load, "last_assigned_at": iso_utc(agent.last_assigned_at),
+        "version": agent.version, "created_at": iso_utc(agent.created_at), "updated_at": iso_utc(agent.updated_at),
+    }
+
+
+def agent_state(agent: Agent, load: int) -> domain.AgentState:
+    return domain.AgentState(
+        agent.id, frozenset(agent.tiers), frozenset(s["name"] for s in agent.skills), agent.presence,
+        agent.capacity, load, agent.last_assigned_at or None)
+
+
+def agent_states(session: Session) -> list:
+    loads = agent_loads(session)
+    return [agent_state(a, loads.get(a.id, 0)) for a in session.scalars(select(Agent))]
+
+
+def _get_agent(session: Session, agent_id: str, for_update: bool = False) -> Agent:
+    agent = session.get(Agent, agent_id, with_for_update=for_update or None)
+    if agent is None:
+        raise NotFound(f"no agent {agent_id!r}; an admin or supervisor creates agents (POST /v1/agents)")
+    return agent
+
+
+def create_agent(session: Session, actor, data: dict) -> dict:
+    _require(actor, contract.MANAGE_AGENT_ROLES, "manage agents")
+    _unknown_skills(session, [s["name"] for s in data["skills"]], "skills")
+    if session.get(Agent, data["id"]) is not None:
+        raise Conflict(f"agent {data['id']!r} already exists", {"id": ["already exists"]})
+    now = now_utc()
+    agent = Agent(id=data["id"], display_name=data["display_name"], tiers=data["tiers"], skills=data["skills"],
+                  languages=data["languages"], groups=data["groups"], capacity=data["capacity"],
+                  presence="offline", presence_changed_at=now, last_assigned_at=None, version=1, claim_seq=0,
+                  created_at=now, updated_at=now)
+    session.add(agent)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict(f"agent {data['id']!r} already exists", {"id": ["already exists"]})
+    return agent_view(agent, 0)
+
+
+def _may_read_agent(actor, agent_id: str) -> None:
+    if actor.role not in contract.READ_ROLES and actor.id != agent_id:
+        raise Forbidden(f"{actor.role}s may not read agents")
+
+
+def get_agent(session: Session, actor, agent_id: str) -> dict:
+    _may_read_agent(actor, agent_id)
+    agent = _get_agent(session, agent_id)
+    return agent_view(agent, agent_load(session, agent_id))
+
+
+def list_agents(session: Session, actor, filters: dict) -> dict:
+    _require(actor, contract.READ_ROLES, "read agents")
+    loads = agent_loads(session)
+    items = []
+    for agent in session.scalars(select(Agent).order_by(Agent.id)):
+        if "tier" in filters and filters["tier"] not in agent.tiers:
+            continue
+        if "presence" in filters and agent.presence != filters["presence"]:
+            continue
+        if "skill" in filters and filters["skill"] not in {s["name"] for s in agent.skills}:
+            continue
+        items.append(agent_view(agent, loads.get(agent.id, 0)))
+    return {"items": items}
+
+
+def update_agent(session: Session, actor, agent_id: str, changes: dict, expected_version: int | None) -> dict:
+    """Returns the agent view; capacity, tiers or skills changes may let queued tickets through."""
+    _require(actor, contract.MANAGE_AGENT_ROLES, "manage agents")
+    if not changes:
+        raise ValidationError("nothing to update", {"_schema": ["send at least one field"]})
+    agent = _get_agent(session, agent_id, for_update=True)
+    _check_version(agent.version, expected_version, "agent")
+    if "skills" in changes:
+        _unknown_skills(session, [s["name"] for s in changes["skills"]], "skills")
+    changed = {k: v for k, v in changes.items() if getattr(agent, k) != v}
+    if changed:
+        for key, value in changed.items():
+            setattr(agent, key, value)
+        agent.version += 1
+        agent.updated_at = now_utc()
+        session.flush()
+    return agent_view(agent, agent_load(session, agent_id))
+
+
+def set_presence(session: Session, actor, agent_id: str, presence: str) -> tuple[dict, str]:
+    """Returns (agent view, previous presence). Agents set their own; supervisors anyone's."""
+    if actor.id != agent_id:
+        _require(actor, contract.MANAGE_AGENT_ROLES, "set another agent's presence")
+    elif actor.role not in contract.ESCALATE_ROLES:
+        raise Forbidden(f"{actor.role}s have no presence")
+    agent = _get_agent(session, agent_id, for_update=True)
+    previous = agent.presence
+    if previous != presence:
+        now = now_utc()
+        agent.presence, agent.presence_changed_at = presence, now
+        agent.version += 1
+        agent.updated_at = now
+        session.flush()
+        add_event(session, contract.SERVICE, contract.AGENT_PRESENCE_CHANGED, {"agent_id": agent.id}, {
+            "agent_id": agent.id, "presence": presence, "previous": previous, "tiers": agent.tiers})
+    return agent_view(agent, agent_load(session, agent_id)), previous
+
+
+def active_tickets_of(session: Session, agent_id: str) -> list:
+    return list(session.scalars(select(RoutedTicket.ticket_id).where(
+        RoutedTicket.assignee_id == agent_id, RoutedTicket.status.in_(contract.ACTIVE_STATUSES),
+        RoutedTicket.state == domain.ASSIGNED)))
+
+
+def agent_tiers(session: Session, agent_id: str) -> list:
+    agent = session.get(Agent, agent_id)
+    return list(agent.tiers) if agent is not None else []
+
+
+# --- rules ----------------------------------------------------------------------------------------
+
+def rule_view(rule: Rule) -> dict:
+    return {"id": rule.id, "name": rule.name, "position": rule.position, "enabled": rule.enabled,
+            "match": rule.match, "conditions": rule.conditions, "actions": rule.actions, "stop": rule.stop,
+            "version": rule.version, "created_at": iso_utc(rule.created_at), "updated_at": iso_utc(rule.updated_at)}
+
+
+def _rule_fields(session: Session, data: dict) -> dict:
+    _unknown_skills(session, data["actions"].get("require_skills", []), "actions.require_skills")
+    position = data.get("position")
+    if position is None:
+        last = session.scalar(select(func.max(Rule.position)))
+        position = 0 if last is None else last + 10
+    return {"name": data["name"].strip() or data["name"], "position": position, "enabled": data["enabled"],
+            "match": data["match"], "conditions": data["conditions"], "actions": data["actions"],
+            "stop": data["stop"]}
+
+
+def _get_rule(session: Session, rule_id: str, for_update: bool = False) -> Rule:
+    rule = session.get(Rule, rule_id, with_for_update=for_update or None) if _is_uuid(rule_id) else None
+    if rule is None:
+        raise NotFound(f"no routing rule {rule_id!r}")
+    return rule
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def create_rule(session: Session, actor, data: dict) -> dict:
+    _require(actor, contract.MANAGE_RULE_ROLES, "manage routing rules")
+    count = session.scalar(select(func.count()).select_from(Rule))
+    if count >= contract.MAX_RULES:
+        raise Conflict(f"at most {contract.MAX_RULES} rules; delete unused ones first")
+    now = now_utc()
+    rule = Rule(id=new_id(), version=1, created_at=now, updated_at=now, **_rule_fields(session, data))
+    session.add(rule)
+    session.flush()
+    return rule_view(rule)
+
+
+def get_rule(session: Session, actor, rule_id: str) -> dict:
+    _require(actor, contract.READ_ROLES, "read routing rules")
+    return rule_view(_get_rule(session, rule_id))
+
+
+def list_rules(session: Session, actor) -> dict:
+    _require(actor, contract.READ_ROLES, "read routing rules")
+    return {"items": [rule_view(r) for r in session.scalars(select(Rule).order_by(Rule.position, Rule.id))]}
+
+
+def update_rule(session: Session, actor, rule_id: str, data: dict, expected_version: int | None) -> dict:
+    _require(actor, contract.MANAGE_RULE_ROLES, "manage routing rules")
+    rule = _get_rule(session, rule_id, for_update=True)
+    _check_version(rule.version, expected_version, "rule")
+    for key, value in _rule_fields(session, {**data, "position": data.get("position", rule.position)
+                                             if data.get("position") is not None else rule.position}).items():
+        setattr(rule, key, value)
+    rule.version += 1
+    rule.updated_at = now_utc()
+    session.flush()
+    return rule_view(rule)
+
+
+def delete_rule(session: Session, actor, rule_id: str, expected_version: int | None) -> None:
+    _require(actor, contract.MANAGE_RULE_ROLES, "manage routing rules")
+    rule = _get_rule(session, rule_id, for_update=True)
+    _check_version(rule.version, expected_version, "rule")
+    session.delete(rule)
+
+
+def enabled_rules(session: Session) -> list:
+    return [rule_view(r) for r in session.scalars(select(Rule).where(Rule.enabled.is_(True))
+                                                  .order_by(Rule.position, Rule.id))]
+
+
+# --- the ticket mirror ------------------------------------------------------------------------------
+
+def _parse_time(value) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def get_routed(session: Session, ticket_id: str, for_update: bool = False) -> RoutedTicket | None:
+    return session.get(RoutedTicket, ticket_id, with_for_update=for_update or None)
+
+
+def apply_snapshot(session: Session, snapshot: dict) -> tuple[RoutedTicket, domain.MirrorChange | None]:
+    """Mirror a ticket snapshot (an event's or an RPC answer's) if it is newer than what we hold.
+
+    Returns the row and what the change means for routing (None: stale or duplicate snapshot).
+    """
+    row = get_routed(session, snapshot["id"], for_update=True)
+    now = now_utc()
+    if row is not None and snapshot["version"] <= row.ticket_version:
+        return row, None
+    if row is None:
+        before_status = before_assignee = prev_state = None
+        group = snapshot.get("group")
+        row = RoutedTicket(ticket_id=snapshot["id"], tier=group if group in contract.TIERS else contract.TIERS[0],
+                           required_skills=[], state=domain.IDLE, queue_noted=False,
+                           ticket_created_at=_parse_time(snapshot["created_at"]))
+        session.add(row)
+    else:
+        before_status, before_assignee, prev_state = row.status, row.assignee_id, row.state
+    assignee = snapshot.get("assignee_id")
+    online = bool(assignee) and session.scalar(select(Agent.presence).where(Agent.id == assignee)) == "online"
+    change = domain.after_snapshot(prev_state, before_status, before_assignee, snapshot["status"], assignee, online)
+    row.number, row.subject, row.status = snapshot["number"], snapshot["subject"], snapshot["status"]
+    row.priority, row.category, row.channel = snapshot["priority"], snapshot.get("category"), snapshot["channel"]
+    row.organization_id, row.tags = snapshot.get("organization_id"), list(snapshot.get("tags") or [])
+    row.ticket_version, row.updated_at = snapshot["version"], now
+    if change.state != domain.ASSIGNING:
+        row.assignee_id = assignee
+    if change.state in domain.ROUTABLE_STATES and row.state != change.state:
+        row.queued_at, row.queue_trigger, row.queue_noted = now, change.trigger, False
+    elif change.state not in domain.ROUTABLE_STATES + (domain.ASSIGNING,):
+        row.queued_at, row.queue_trigger = None, None
+    row.state = change.state
+    session.flush()
+    return row, change
+
+
+def queued_ticket(row: RoutedTicket) -> domain.QueuedTicket:
+    return domain.QueuedTicket(row.ticket_id, row.tier, row.priority, frozenset(row.required_skills),
+                               row.ticket_created_at, row.queued_at or row.ticket_created_at, row.sla_due_at)
+
+
+def queued_tickets(session: Session, tiers=None) -> list:
+    query = select(RoutedTicket).where(RoutedTicket.state == domain.QUEUED)
+    if tiers is not None:
+        query = query.where(RoutedTicket.tier.in_(list(tiers)))
+    return [queued_ticket(row) for row in session.scalars(query)]
+
+
+def set_sla_due(session: Session, ticket_id: str, due_at: datetime | None) -> None:
+    session.execute(update(RoutedTicket).where(RoutedTicket.ticket_id == ticket_id).values(sla_due_at=due_at))
+
+
+# --- decisions ------------------------------------------------------------------------------------
+
+def _candidate_view(candidate: domain.Candidate) -> dict:
+    return {"agent_id": candidate.agent_id, "excluded": candidate.excluded,
+            "missing_skills": list(candidate.missing_skills), "load": candidate.load,
+            "capacity": candidate.capacity, "idle_since": iso_utc(candidate.idle_since), "rank": candidate.rank}
+
+
+def record_decision(session: Session, row: RoutedTicket, trigger: str, outcome: str,
+                    choice: domain.Choice | None = None, agent_id: str | None = None,
+                    detail: str | None = None, tier: str | None = None) -> Decision:
+    candidates = [_candidate_view(c) for c in choice.candidates] if choice else []
+    if choice and choice.not_in_tier:
+        detail = ((detail + "; ") if detail else "") + f"{choice.not_in_tier} agents outside tier {row.tier} not listed"
+    decision = Decision(id=new_id(), ticket_id=row.ticket_id, decided_at=now_utc(), trigger=trigger,
+                        tier=tier or row.tier, outcome=outcome, agent_id=agent_id,
+                        required_skills=list(row.required_skills), skills_relaxed=bool(choice and choice.skills_relaxed),
+                        candidates=candidates, detail=detail)
+    session.add(decision)
+    return decision
+
+
+def decision_view(decision: Decision) -> dict:
+    return {"id": decision.id, "ticket_id": decision.ticket_id, "decided_at": iso_utc(decision.decided_at),
+            "trigger": decision.trigger, "tier": decision.tier, "outcome": decision.outcome,
+            "agent_id": decision.agent_id, "required_skills": decision.required_skills,
+            "skills_relaxed": decision.skills_relaxed, "detail": decision.detail, "candidates": decision.candidates}
+
+
+def ticket_routing(session: Session, actor, ticket_id: str) -> dict:
+    _require(actor, contract.READ_ROLES, "read routing decisions")
+    row = get_routed(session, ticket_id) if isinstance(ticket_id, str) and len(ticket_id) <= 36 else None
+    if row is None:
+        raise NotFound("routing has no record of this ticket")
+    decisions = session.scalars(select(Decision).where(Decision.ticket_id == ticket_id)
+                                .order_by(Decision.decided_at, Decision.id))
+    return {"ticket_id": row.ticket_id, "tier": row.tier, "state": row.state, "assignee_id": row.assignee_id,
+            "required_skills": row.required_skills, "queued_at": iso_utc(row.queued_at),
+            "decisions": [decision_view(d) for d in decisions]}
+
+
+# --- queues ---------------------------------------------------------------------------------------
+
+def queue_stats(session: Session) -> dict:
+    """Per tier: depth, oldest queued time, agents online, their active tickets and capacity."""
+    stats = {tier: {"tier": tier, "depth": 0, "oldest_queued_at": None, "agents_online": 0,
+                    "active_tickets": 0, "capacity_online": 0} for tier in contract.TIERS}
+    for tier, depth, oldest in session.execute(
+            select(RoutedTicket.tier, func.count(), func.min(RoutedTicket.queued_at))
+            .where(RoutedTicket.state == domain.QUEUED).group_by(RoutedTicket.tier)):
+        if tier in stats:
+            stats[tier]["depth"], stats[tier]["oldest_queued_at"] = depth, oldest
+    loads = agent_loads(session)
+    for agent in session.scalars(select(Agent).where(Agent.presence == "online")):
+        for tier in agent.tiers:
+            stats[tier]["agents_online"] += 1
+            stats[tier]["active_tickets"] += loads.get(agent.id, 0)
+            stats[tier]["capacity_online"] += agent.capacity
+    return stats
+
+
+def queues_view(session: Session, actor) -> dict:
+    _require(actor, contract.READ_ROLES, "read queues")
+    now = now_utc()
+    tiers = []
+    for entry in queue_stats(session).values():
+        oldest = entry["oldest_queued_at"]
+        tiers.append({**entry, "oldest_queued_at": iso_utc(oldest),
+                      "oldest_age_seconds": round((now - oldest).total_seconds(), 3) if oldest else None})
+    return {"as_of": iso_utc(now), "tiers": tiers}

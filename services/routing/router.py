@@ -1,0 +1,410 @@
+"""Routing's orchestration: triage, claim, deliver, drain, escalate, sweep.
+
+Correctness under concurrency rests on the database, not on this process:
+
+* a **claim** is one transaction that first bumps the agent's ``claim_seq`` (row lock on
+  PostgreSQL, write lock on SQLite), then counts the agent's active tickets, then moves the
+  ticket ``queued -> assigning`` with a compare-and-set. Any number of routers may race: the
+  agent row serialises claims on one agent, so no agent passes capacity; the ticket CAS lets
+  exactly one claim win, so no ticket is assigned twice. Locks are always taken agent first,
+  then ticket: no deadlock cycle.
+* the claim is then **delivered** through the tickets service's assign RPC (outside any
+  transaction) and **confirmed** (``assigning -> assigned``, ``ticket_routed`` event, once, by
+  a CAS on the decision row). A refused delivery releases the slot; a delivery that did not
+  answer is re-driven by the sweeper (the assign RPC is idempotent).
+* the **sweeper** (every few seconds, on every replica) re-drives stale claims and triages,
+  and drains every tier, so a ticket never waits while an eligible agent is free once the
+  system is quiet, whatever events were lost to a crash.
+"""
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+
+from contracts import routing as contract
+from contracts.errors import Conflict, HelpdeskError, ValidationError
+from servicekit.config import env
+from servicekit.outbox import add_event
+from services.routing import domain, metrics, operations as ops, rules
+from services.routing.models import Agent, Decision, RoutedTicket
+
+log = logging.getLogger(__name__)
+
+MAX_CLAIM_ATTEMPTS = 5
+MAX_DRAIN_ROUNDS = 20
+
+
+def _optional_seconds(value) -> float | None:
+    if value in (None, "", "0", "off", "none"):
+        return None
+    seconds = float(value)
+    return seconds if seconds > 0 else None
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    # queued this long, a ticket's required skills are dropped (any agent of the tier); None: never
+    relax_skills_after_seconds: float | None = None
+    # each this long in the queue raises a ticket's effective priority one level; None: no aging
+    aging_seconds: float | None = 1800.0
+    # when an agent goes offline: "requeue" their active tickets, or "keep" them
+    offline_policy: str = "requeue"
+    sweep_interval_seconds: float = 2.0
+    # a claim or triage not finished after this long is re-driven by the sweeper
+    retry_after_seconds: float = 10.0
+
+    @classmethod
+    def load(cls) -> "RoutingSettings":
+        policy = env("routing", "OFFLINE_POLICY", "requeue")
+        if policy not in ("requeue", "keep"):
+            raise ValueError(f"HELPDESK_ROUTING_OFFLINE_POLICY must be requeue or keep, not {policy!r}")
+        return cls(
+            relax_skills_after_seconds=_optional_seconds(env("routing", "RELAX_SKILLS_AFTER_SECONDS")),
+            aging_seconds=_optional_seconds(env("routing", "AGING_SECONDS", "1800")),
+            offline_policy=policy,
+            sweep_interval_seconds=float(env("routing", "SWEEP_INTERVAL_SECONDS", "2")),
+            retry_after_seconds=float(env("routing", "RETRY_AFTER_SECONDS", "10")),
+        )
+
+
+@dataclass(frozen=True)
+class Claim:
+    ticket_id: str
+    agent_id: str
+    decision_id: str
+    tier: str
+    trigger: str
+    ticket_created_at: datetime
+
+
+class Router:
+    """``uow``: servicekit UnitOfWork; ``tickets``: an object with the tickets RPCs
+    (get_ticket, assign_ticket, update_ticket, add_comment) that raise contracts errors."""
+
+    def __init__(self, uow, tickets, settings: RoutingSettings):
+        self.uow = uow
+        self.tickets = tickets
+        self.settings = settings
+
+    # --- following ticket changes --------------------------------------------------------------
+
+    def follow_up(self, ticket_id: str, change: domain.MirrorChange | None) -> None:
+        """What a mirrored change asks for, once its transaction committed."""
+        if change is None:
+            return
+        if change.unassign_first:
+            self.unassign_and_route(ticket_id, change.trigger)
+        elif change.state == domain.TRIAGE:
+            self.triage(ticket_id)
+        elif change.state == domain.QUEUED and change.trigger:
+            self.route(ticket_id, change.trigger)
+        if change.freed_agent:
+            self.drain_for_agent(change.freed_agent, "capacity_freed")
+
+    def triage(self, ticket_id: str) -> None:
+        """Run the rules on a ticket seen for the first time, then queue and route it."""
+        with self.uow.read() as session:
+            row = ops.get_routed(session, ticket_id)
+            if row is None or row.state != domain.TRIAGE:
+                return
+            active_rules = ops.enabled_rules(session)
+            ticket = {"subject": row.subject, "description": None, "category": row.category,
+                      "channel": row.channel, "organization_id": row.organization_id,
+                      "priority": row.priority, "tags": list(row.tags or [])}
+        if active_rules and rules.uses_description(active_rules):
+            try:
+                ticket["description"] = self.tickets.get_ticket(ops.SYSTEM_ACTOR, ticket_id).get("description")
+            except Exception as exc:  # rules on other fields still run
+                log.warning("could not read the description of %s for the rules: %s", ticket_id, exc)
+        outcome = rules.evaluate(active_rules, ticket) if active_rules else None
+        ticket_changes = {}
+        with self.uow.transaction() as session:
+            row = ops.get_routed(session, ticket_id, for_update=True)
+            if row is None or row.state != domain.TRIAGE:
+                return
+            detail = None
+            if outcome is not None and outcome.matched_rule_ids:
+                if outcome.tier:
+                    row.tier = outcome.tier
+                row.required_skills = list(outcome.required_skills)
+                if outcome.category and outcome.category != row.category:
+                    ticket_changes["category"] = row.category = outcome.category
+                if outcome.priority and outcome.priority != row.priority:
+                    ticket_changes["priority"] = row.priority = outcome.priority
+                detail = "rules matched: " + ", ".join(outcome.matched_rule_ids)
+                ops.record_decision(session, row, "created", "triaged", detail=detail)
+            row.state, row.queued_at, row.queue_noted = domain.QUEUED, ops.now_utc(), False
+            row.queue_trigger = "created"
+        if ticket_changes:
+            try:  # the ticket record shows what the rules decided; its event updates our mirror
+                self.tickets.update_ticket(ops.SYSTEM_ACTOR, ticket_id, ticket_changes)
+            except Exception as exc:
+                log.warning("rules' changes %s not applied to ticket %s: %s", ticket_changes, ticket_id, exc)
+        self.route(ticket_id, "created")
+
+    # --- one ticket ----------------------------------------------------------------------------
+
+    def route(self, ticket_id: str, trigger: str) -> Claim | None:
+        """Assign a queued ticket to the best free agent now, or leave it queued (noted once)."""
+        for _ in range(MAX_CLAIM_ATTEMPTS):
+            with self.uow.read() as session:
+                row = ops.get_routed(session, ticket_id)
+                if row is None or row.state != domain.QUEUED:
+                    return None
+                ticket = ops.queued_ticket(row)
+                agents = ops.agent_states(session)
+            started = time.perf_counter()
+            choice = domain.choose_agent(ticket, agents, ops.now_utc(), self.settings.relax_skills_after_seconds)
+            metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+            if choice.winner is None:
+                self._note_queued(ticket_id, trigger, choice)
+                return None
+            claim = self._claim(ticket_id, choice.winner, choice, trigger)
+            if claim is not None:
+                self._deliver(claim)
+                return claim
+            metrics.CLAIM_CONFLICTS.inc()
+        return None
+
+    def _note_queued(self, ticket_id: str, trigger: str, choice: domain.Choice) -> None:
+        with self.uow.transaction() as session:
+            row = ops.get_routed(session, ticket_id, for_update=True)
+            if row is None or row.state != domain.QUEUED or row.queue_noted:
+                return
+            row.queue_noted = True
+            decision = ops.record_decision(session, row, trigger, "queued", choice,
+                                           detail="no eligible agent is free: waiting in the queue")
+            add_event(session, contract.SERVICE, contract.TICKET_QUEUED, {"ticket_id": ticket_id}, {
+                "ticket_id": ticket_id, "tier": row.tier, "trigger": trigger, "decision_id": decision.id,
+                "required_skills": list(row.required_skills)})
+            tier = row.tier
+        metrics.QUEUED.labels(tier, trigger).inc()
+
+    def _claim(self, ticket_id: str, agent_id: str, choice: domain.Choice, trigger: str) -> Claim | None:
+        with self.uow.transaction() as session:
+            # agent first: the UPDATE takes its row lock (the write lock on SQLite) before counting
+            locked = session.execute(update(Agent).where(Agent.id == agent_id, Agent.presence == "online")
+                                     .values(claim_seq=Agent.claim_seq + 1)).rowcount
+            if not locked:
+                return None
+            agent = session.get(Agent, agent_id, populate_existing=True)
+            if ops.agent_load(session, agent_id) >= agent.capacity:
+                return None
+            now = ops.now_utc()
+            decision_id = ops.new_id()
+            claimed = session.execute(
+                update(RoutedTicket).where(RoutedTicket.ticket_id == ticket_id, RoutedTicket.state == domain.QUEUED)
+                .values(state=domain.ASSIGNING, assignee_id=agent_id, claim_decision_id=decision_id,
+                        claimed_at=now, updated_at=now)).rowcount
+            if not claimed:
+                return None
+            agent.last_assigned_at = now
+            row = session.get(RoutedTicket, ticket_id, populate_existing=True)
+            decision = ops.record_decision(session, row, trigger, "assigning", choice, agent_id)
+            decision.id = decision_id
+            return Claim(ticket_id, agent_id, decision_id, row.tier, trigger, row.ticket_created_at)
+
+    def _deliver(self, claim: Claim) -> bool:
+        try:
+            view = self.tickets.assign_ticket(ops.SYSTEM_ACTOR, claim.ticket_id, claim.agent_id, claim.tier)
+        except HelpdeskError as refusal:  # closed, gone: the slot goes back
+            self._release(claim, f"the tickets service refused the assignment: {refusal}")
+            return False
+        except Exception as exc:  # no answer: the sweeper re-drives the claim
+            log.warning("assignment of %s to %s not delivered yet: %r", claim.ticket_id, claim.agent_id, exc)
+            return False
+        self._confirm(claim, view)
+        return True
+
+    def _confirm(self, claim: Claim, view: dict) -> None:
+        with self.uow.transaction() as session:
+            confirmed = session.execute(update(Decision).where(Decision.id == claim.decision_id,
+                                                               Decision.outcome == "assigning")
+                                        .values(outcome="assigned")).rowcount
+            if not confirmed:
+                return
+            row = ops.get_routed(session, claim.ticket_id, for_update=True)
+            if row.claim_decision_id == claim.decision_id and row.state == domain.ASSIGNING:
+                row.state = domain.IDLE if row.status in domain.FINISHED_STATUSES else domain.ASSIGNED
+                row.queued_at = row.queue_trigger = None
+            ops.apply_snapshot(session, view)
+            waited = max(0.0, (ops.now_utc() - claim.ticket_created_at).total_seconds())
+            add_event(session, contract.SERVICE, contract.TICKET_ROUTED, {"ticket_id": claim.ticket_id}, {
+                "ticket_id": claim.ticket_id, "agent_id": claim.agent_id, "tier": claim.tier,
+                "trigger": claim.trigger, "decision_id": claim.decision_id, "waited_seconds": round(waited, 3)})
+        metrics.ASSIGNMENTS.labels(claim.tier, claim.trigger).inc()
+        metrics.TIME_TO_ASSIGNMENT.labels(claim.tier).observe(waited)
+
+    def _release(self, claim: Claim, reason: str) -> None:
+        with self.uow.transaction() as session:
+            released = session.execute(update(Decision).where(Decision.id == claim.decision_id,
+                                                              Decision.outcome == "assigning")
+                                       .values(outcome="released", detail=reason[:1000])).rowcount
+            if not released:
+                return
+            row = ops.get_routed(session, claim.ticket_id, for_update=True)
+            if row.claim_decision_id == claim.decision_id and row.state == domain.ASSIGNING:
+                row.state, row.assignee_id = domain.IDLE, None
+                row.queued_at = row.queue_trigger = None
+        metrics.RELEASED.inc()
+        log.info("claim of %s for %s released: %s", claim.ticket_id, claim.agent_id, reason)
+        self.drain_for_agent(claim.agent_id, "capacity_freed")
+
+    # --- many tickets --------------------------------------------------------------------------
+
+    def drain_for_agent(self, agent_id: str, trigger: str) -> int:
+        with self.uow.read() as session:
+            tiers = ops.agent_tiers(session, agent_id)
+        return self.drain(tiers, trigger) if tiers else 0
+
+    def drain(self, tiers, trigger: str) -> int:
+        """Assign queued tickets of ``tiers`` to free agents, in queue order, until one of the
+        two runs out. Returns how many were assigned."""
+        assigned = 0
+        for _ in range(MAX_DRAIN_ROUNDS):
+            with self.uow.read() as session:
+                queue = ops.queued_tickets(session, tiers)
+                if not queue:
+                    return assigned
+                agents = ops.agent_states(session)
+            now = ops.now_utc()
+            plan = domain.plan_drain(queue, agents, now, self.settings.aging_seconds,
+                                     self.settings.relax_skills_after_seconds)
+            if not plan.assignments:
+                return assigned
+            by_id = {agent.id: agent for agent in agents}
+            lost_a_race = False
+            for planned in plan.assignments:
+                # the recorded explanation uses the loads as the plan had them at this step
+                choice = domain.choose_agent(planned.ticket, by_id.values(), now,
+                                             self.settings.relax_skills_after_seconds)
+                if choice.winner != planned.agent_id:  # cannot happen unless the plan and chooser disagree
+                    log.error("drain plan chose %s, chooser %s", planned.agent_id, choice.winner)
+                claim = self._claim(planned.ticket.ticket_id, planned.agent_id, choice, trigger)
+                if claim is None:
+                    metrics.CLAIM_CONFLICTS.inc()
+                    lost_a_race = True
+                    break
+                agent = by_id[planned.agent_id]
+                by_id[agent.id] = domain.AgentState(agent.id, agent.tiers, agent.skills, agent.presence,
+                                                    agent.capacity, agent.load + 1, now)
+                if self._deliver(claim):
+                    assigned += 1
+            if not lost_a_race:
+                return assigned
+        return assigned
+
+    # --- agents --------------------------------------------------------------------------------
+
+    def presence_changed(self, agent_id: str, presence: str, previous: str) -> None:
+        if presence == previous:
+            return
+        if presence == "online":
+            self.drain_for_agent(agent_id, "agent_online")
+        elif presence == "offline" and self.settings.offline_policy == "requeue":
+            self.requeue_agent_tickets(agent_id)
+
+    def requeue_agent_tickets(self, agent_id: str) -> int:
+        with self.uow.read() as session:
+            ticket_ids = ops.active_tickets_of(session, agent_id)
+        for ticket_id in ticket_ids:
+            self.unassign_and_route(ticket_id, "requeued")
+        return len(ticket_ids)
+
+    def unassign_and_route(self, ticket_id: str, trigger: str) -> None:
+        """Take a ticket from its assignee (through tickets, so the record agrees) and route it."""
+        try:
+            view = self.tickets.assign_ticket(ops.SYSTEM_ACTOR, ticket_id, None, None)
+        except Exception as exc:
+            log.warning("could not unassign %s for re-routing: %r", ticket_id, exc)
+            return
+        with self.uow.transaction() as session:
+            row, change = ops.apply_snapshot(session, view)
+            if row.state == domain.QUEUED:
+                row.queue_trigger = trigger
+        if change is not None and change.freed_agent:
+            self.drain_for_agent(change.freed_agent, "capacity_freed")
+        self.route(ticket_id, trigger)
+
+    # --- escalation ----------------------------------------------------------------------------
+
+    def escalate(self, actor: ops.Actor, ticket_id: str, reason: str, to_tier: str | None = None,
+                 trigger: str = "agent") -> dict:
+        if trigger == "agent":
+            ops._require(actor, contract.ESCALATE_ROLES, "escalate tickets")
+        # the caller's own read: what they may not see is 404, as everywhere
+        current_view = self.tickets.get_ticket(actor.as_dict() if trigger == "agent" else ops.SYSTEM_ACTOR, ticket_id)
+        if current_view["status"] in domain.FINISHED_STATUSES:
+            raise Conflict(f"the ticket is {current_view['status']}; only unresolved tickets are escalated",
+                           {"status": [f"ticket is {current_view['status']}"]})
+        with self.uow.read() as session:
+            row = ops.get_routed(session, ticket_id)
+            group = current_view.get("group")
+            from_tier = row.tier if row is not None else (group if group in contract.TIERS else contract.TIERS[0])
+        target = to_tier or domain.next_tier(from_tier)
+        if target is None:
+            raise Conflict(f"the ticket is already at {from_tier}, the highest tier", {"tier": [f"at {from_tier}"]})
+        if contract.TIERS.index(target) <= contract.TIERS.index(from_tier):
+            raise ValidationError(f"{target} is not above the ticket's tier {from_tier}",
+                                  {"to_tier": [f"must be above {from_tier}"]})
+        view = self.tickets.assign_ticket(ops.SYSTEM_ACTOR, ticket_id, None, target)
+        detail = f"{from_tier} -> {target} by {actor.id}: {reason}"
+        with self.uow.transaction() as session:
+            row, change = ops.apply_snapshot(session, view)
+            if row.state == domain.ASSIGNING:  # a claim in flight for the old tier loses
+                session.execute(update(Decision).where(Decision.id == row.claim_decision_id,
+                                                       Decision.outcome == "assigning")
+                                .values(outcome="released", detail="escalated meanwhile"))
+            now = ops.now_utc()
+            row.tier, row.state, row.assignee_id = target, domain.QUEUED, None
+            row.queued_at, row.queue_trigger, row.queue_noted = now, "escalated", False
+            row.claim_decision_id = row.claimed_at = None
+            decision = ops.record_decision(session, row, "escalated", "escalated", detail=detail, tier=target)
+            add_event(session, contract.SERVICE, contract.TICKET_ESCALATED, {"ticket_id": ticket_id}, {
+                "ticket_id": ticket_id, "from_tier": from_tier, "to_tier": target, "reason": reason,
+                "actor_id": actor.id, "trigger": trigger})
+            escalation = {"ticket_id": ticket_id, "from_tier": from_tier, "to_tier": target, "reason": reason,
+                          "decision": ops.decision_view(decision)}
+        metrics.ESCALATIONS.labels(from_tier, target, trigger).inc()
+        try:  # the agents working the ticket read why in its own record
+            self.tickets.add_comment(ops.SYSTEM_ACTOR, ticket_id, {
+                "body": f"Escalated {from_tier} → {target} by {actor.id}: {reason}", "public": False})
+        except Exception as exc:
+            log.warning("escalation note not added to %s: %r", ticket_id, exc)
+        if change is not None and change.freed_agent:
+            self.drain_for_agent(change.freed_agent, "capacity_freed")
+        self.route(ticket_id, "escalated")
+        return escalation
+
+    # --- the safety net ------------------------------------------------------------------------
+
+    def sweep(self) -> dict:
+        """Finish what crashes or lost races left: stale claims and triages, unnoted queue
+        entries, then drain every tier. Safe on any number of replicas at once."""
+        stale_before = ops.now_utc() - timedelta(seconds=self.settings.retry_after_seconds)
+        with self.uow.read() as session:
+            stale_claims = list(session.execute(
+                select(RoutedTicket.ticket_id, RoutedTicket.assignee_id, RoutedTicket.claim_decision_id,
+                       RoutedTicket.tier, RoutedTicket.ticket_created_at, Decision.trigger)
+                .join(Decision, Decision.id == RoutedTicket.claim_decision_id)
+                .where(RoutedTicket.state == domain.ASSIGNING, RoutedTicket.claimed_at < stale_before)).all())
+            stale_triage = list(session.scalars(select(RoutedTicket.ticket_id).where(
+                RoutedTicket.state == domain.TRIAGE, RoutedTicket.queued_at < stale_before)))
+            unnoted = list(session.execute(select(RoutedTicket.ticket_id, RoutedTicket.queue_trigger).where(
+                RoutedTicket.state == domain.QUEUED, RoutedTicket.queue_noted.is_(False))).all())
+        for ticket_id, agent_id, decision_id, tier, created_at, trigger in stale_claims:
+            self._deliver(Claim(ticket_id, agent_id, decision_id, tier, trigger, created_at))
+        for ticket_id in stale_triage:
+            self.triage(ticket_id)
+        for ticket_id, trigger in unnoted:
+            self.route(ticket_id, trigger or "sweep")
+        assigned = self.drain(contract.TIERS, "sweep")
+        self.refresh_metrics()
+        return {"redelivered": len(stale_claims), "triaged": len(stale_triage), "assigned": assigned}
+
+    def refresh_metrics(self) -> None:
+        with self.uow.read() as session:
+            metrics.TIER_SNAPSHOT.update(ops.queue_stats(session))
+

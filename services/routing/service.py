@@ -1,0 +1,295 @@
+"""nameko entrypoints of the routing service: validate input, call operations or the router."""
+import json
+import logging
+
+import eventlet
+from marshmallow import ValidationError as SchemaError
+from nameko.constants import NON_PERSISTENT
+from nameko.extensions import DependencyProvider
+from nameko.rpc import RpcProxy
+from nameko.timer import timer
+from nameko.web.handlers import http
+from sqlalchemy import text
+
+from contracts import routing as contract
+from contracts import tickets as tickets_contract
+from contracts.errors import ValidationError
+from servicekit.config import settings_from_container
+from servicekit.context import RequestContext
+from servicekit.db import Database
+from servicekit.entrypoints import rpc
+from servicekit.events import AfterCommit, handles_event_once
+from servicekit.metrics import EntrypointMetrics, metrics_response
+from services.routing import operations as ops
+from services.routing.router import Router, RoutingSettings
+
+_actor_schema = tickets_contract.ActorSchema()
+_skill_schema = contract.SkillRequest()
+_create_agent_schema = contract.CreateAgentRequest()
+_update_agent_schema = contract.UpdateAgentRequest()
+_presence_schema = contract.PresenceRequest()
+_list_agents_schema = contract.ListAgentsRequest()
+_rule_schema = contract.RuleRequest()
+_escalate_schema = contract.EscalateRequest()
+
+# the system's own identity when the sla service asks for an escalation
+SLA_ACTOR = ops.Actor("system:sla", "supervisor")
+ROUTING_SETTINGS = RoutingSettings.load()
+log = logging.getLogger(__name__)
+
+
+def _load(schema, data) -> dict:
+    try:
+        return schema.load(data if data is not None else {})
+    except SchemaError as exc:
+        raise ValidationError("invalid request", exc.normalized_messages())
+
+
+def _actor(data) -> ops.Actor:
+    loaded = _load(_actor_schema, data)
+    return ops.Actor(loaded["id"], loaded["role"], loaded.get("organization_id"), loaded["org_wide"])
+
+
+def _id(value, name: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 200:
+        raise ValidationError(f"{name} must be 1-200 characters", {name: ["1-200 characters"]})
+    return value
+
+
+def _version(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError("expected_version must be a positive integer",
+                              {"expected_version": ["positive integer"]})
+    return value
+
+
+class TicketsPort:
+    """The tickets RPCs routing uses, each with a deadline (nameko's RpcProxy has none)."""
+
+    def __init__(self, proxy, timeout: float):
+        self._proxy, self._timeout = proxy, timeout
+
+    def _call(self, method, *args):
+        with eventlet.Timeout(self._timeout):
+            return getattr(self._proxy, method)(*args)
+
+    def get_ticket(self, actor, ticket_id):
+        return self._call("get_ticket", actor, ticket_id)
+
+    def assign_ticket(self, actor, ticket_id, assignee_id, group):
+        return self._call("assign_ticket", actor, ticket_id, assignee_id, group)
+
+    def update_ticket(self, actor, ticket_id, changes):
+        return self._call("update_ticket", actor, ticket_id, changes)
+
+    def add_comment(self, actor, ticket_id, data):
+        return self._call("add_comment", actor, ticket_id, data)
+
+
+class RoutingPolicy(DependencyProvider):
+    """``self.policy``: the RoutingSettings of this container (tests pass their own in the
+    config under ``HELPDESK_ROUTING``), and the deadline of calls to tickets."""
+
+    def setup(self):
+        self.settings = self.container.config.get("HELPDESK_ROUTING") or ROUTING_SETTINGS
+        self.rpc_timeout = settings_from_container(self.container).rpc_timeout_seconds
+
+    def get_dependency(self, worker_ctx):
+        return self
+
+
+class RoutingService:
+    name = contract.SERVICE
+
+    db = Database()
+    metrics = EntrypointMetrics()
+    request_id = RequestContext()
+    tickets = RpcProxy(tickets_contract.SERVICE, expiration=30, delivery_mode=NON_PERSISTENT)
+    self_rpc = RpcProxy(contract.SERVICE, delivery_mode=NON_PERSISTENT)
+    policy = RoutingPolicy()
+
+    @property
+    def router(self) -> Router:
+        return Router(self.db, TicketsPort(self.tickets, self.policy.rpc_timeout), self.policy.settings)
+
+    # --- skills ---------------------------------------------------------------------------------
+
+    @rpc
+    def create_skill(self, actor, data):
+        actor, data = _actor(actor), _load(_skill_schema, data)
+        with self.db.transaction() as session:
+            return ops.create_skill(session, actor, data)
+
+    @rpc
+    def list_skills(self, actor):
+        with self.db.read() as session:
+            return ops.list_skills(session, _actor(actor))
+
+    # --- agents ---------------------------------------------------------------------------------
+
+    @rpc
+    def create_agent(self, actor, data):
+        actor, data = _actor(actor), _load(_create_agent_schema, data)
+        with self.db.transaction() as session:
+            return ops.create_agent(session, actor, data)
+
+    @rpc
+    def get_agent(self, actor, agent_id):
+        actor, agent_id = _actor(actor), _id(agent_id, "agent_id")
+        with self.db.read() as session:
+            return ops.get_agent(session, actor, agent_id)
+
+    @rpc
+    def list_agents(self, actor, filters=None):
+        actor, filters = _actor(actor), _load(_list_agents_schema, filters)
+        with self.db.read() as session:
+            return ops.list_agents(session, actor, filters)
+
+    @rpc
+    def update_agent(self, actor, agent_id, changes, expected_version=None):
+        actor, agent_id = _actor(actor), _id(agent_id, "agent_id")
+        changes = _load(_update_agent_schema, changes)
+        with self.db.transaction() as session:
+            agent = ops.update_agent(session, actor, agent_id, changes, _version(expected_version))
+        if agent["presence"] == "online":  # more capacity, a new tier or skill may take queued work
+            self.router.drain(agent["tiers"], "capacity_freed")
+        return agent
+
+    @rpc
+    def set_presence(self, actor, agent_id, presence):
+        actor, agent_id = _actor(actor), _id(agent_id, "agent_id")
+        presence = _load(_presence_schema, {"presence": presence})["presence"]
+        with self.db.transaction() as session:
+            agent, previous = ops.set_presence(session, actor, agent_id, presence)
+        self.router.presence_changed(agent_id, presence, previous)
+        if presence != previous:  # the answer shows the load after any re-queue
+            with self.db.read() as session:
+                agent = ops.get_agent(session, actor, agent_id)
+        return agent
+
+    # --- rules ----------------------------------------------------------------------------------
+
+    @rpc
+    def create_rule(self, actor, data):
+        actor, data = _actor(actor), _load(_rule_schema, data)
+        with self.db.transaction() as session:
+            return ops.create_rule(session, actor, data)
+
+    @rpc
+    def get_rule(self, actor, rule_id):
+        actor, rule_id = _actor(actor), _id(rule_id, "rule_id")
+        with self.db.read() as session:
+            return ops.get_rule(session, actor, rule_id)
+
+    @rpc
+    def list_rules(self, actor):
+        with self.db.read() as session:
+            return ops.list_rules(session, _actor(actor))
+
+    @rpc
+    def update_rule(self, actor, rule_id, data, expected_version=None):
+        actor, rule_id, data = _actor(actor), _id(rule_id, "rule_id"), _load(_rule_schema, data)
+        with self.db.transaction() as session:
+            return ops.update_rule(session, actor, rule_id, data, _version(expected_version))
+
+    @rpc
+    def delete_rule(self, actor, rule_id, expected_version=None):
+        actor, rule_id = _actor(actor), _id(rule_id, "rule_id")
+        with self.db.transaction() as session:
+            ops.delete_rule(session, actor, rule_id, _version(expected_version))
+
+    # --- tickets --------------------------------------------------------------------------------
+
+    @rpc
+    def get_queues(self, actor):
+        with self.db.read() as session:
+            return ops.queues_view(session, _actor(actor))
+
+    @rpc
+    def escalate_ticket(self, actor, ticket_id, data):
+        actor, ticket_id, data = _actor(actor), _id(ticket_id, "ticket_id"), _load(_escalate_schema, data)
+        return self.router.escalate(actor, ticket_id, data["reason"], data["to_tier"])
+
+    @rpc
+    def get_ticket_routing(self, actor, ticket_id):
+        actor, ticket_id = _actor(actor), _id(ticket_id, "ticket_id")
+        with self.db.read() as session:
+            return ops.ticket_routing(session, actor, ticket_id)
+
+    # --- events from tickets: one handler per type, each mirrors the snapshot ----------------
+
+    def _mirror(self, session, envelope):
+        row, change = ops.apply_snapshot(session, envelope["payload"]["ticket"])
+        return AfterCommit(self.router.follow_up, row.ticket_id, change)
+
+    @handles_event_once(tickets_contract.SERVICE, tickets_contract.TICKET_CREATED,
+                        payload_schema=tickets_contract.TicketCreatedPayload)
+    def on_ticket_created(self, session, envelope):
+        return self._mirror(session, envelope)
+
+    @handles_event_once(tickets_contract.SERVICE, tickets_contract.TICKET_UPDATED,
+                        payload_schema=tickets_contract.TicketUpdatedPayload)
+    def on_ticket_updated(self, session, envelope):
+        return self._mirror(session, envelope)
+
+    @handles_event_once(tickets_contract.SERVICE, tickets_contract.TICKET_STATUS_CHANGED,
+                        payload_schema=tickets_contract.TicketStatusChangedPayload)
+    def on_ticket_status_changed(self, session, envelope):
+        return self._mirror(session, envelope)
+
+    @handles_event_once(tickets_contract.SERVICE, tickets_contract.TICKET_ASSIGNED,
+                        payload_schema=tickets_contract.TicketAssignedPayload)
+    def on_ticket_assigned(self, session, envelope):
+        return self._mirror(session, envelope)
+
+    @handles_event_once(tickets_contract.SLA_SOURCE, tickets_contract.TICKET_SLA_UPDATED,
+                        payload_schema=tickets_contract.TicketSlaUpdatedPayload)
+    def on_ticket_sla_updated(self, session, envelope):
+        payload = envelope["payload"]
+        dues = [payload.get(k) for k in ("first_response_due_at", "resolution_due_at") if payload.get(k)]
+        ops.set_sla_due(session, payload["ticket_id"], min(dues) if dues else None)
+
+    @handles_event_once(contract.SLA_SOURCE, contract.SLA_BREACHED, payload_schema=contract.SlaBreachedPayload)
+    def on_sla_breached(self, session, envelope):
+        payload = envelope["payload"]
+        return AfterCommit(self._escalate_on_breach, payload["ticket_id"], payload["target"])
+
+    def _escalate_on_breach(self, ticket_id, target):
+        try:
+            self.router.escalate(SLA_ACTOR, ticket_id, f"SLA {target} target breached", trigger="sla_breach")
+        except Exception as exc:  # at L3 already, closed, unknown: nothing to do
+            log.info("no escalation of %s on SLA breach: %s", ticket_id, exc)
+
+    # --- the safety net -------------------------------------------------------------------------
+
+    @timer(interval=ROUTING_SETTINGS.sweep_interval_seconds)
+    def sweep(self):
+        self.router.sweep()
+
+    # --- probes ---------------------------------------------------------------------------------
+
+    @rpc
+    def health_ping(self):
+        return "pong"
+
+    @http("GET", "/metrics")
+    def metrics_endpoint(self, request):
+        return metrics_response()
+
+    @http("GET", "/livez")
+    def livez(self, request):
+        return 200, json.dumps({"status": "alive"})
+
+    @http("GET", "/readyz")
+    def readyz(self, request):
+        try:
+            with eventlet.Timeout(2):
+                self.self_rpc.health_ping()
+            with self.db.read() as session:
+                session.execute(text("SELECT 1"))
+        except (eventlet.Timeout, Exception) as exc:  # Timeout is a BaseException
+            return 503, json.dumps({"status": "unavailable", "reason": type(exc).__name__})
+        return 200, json.dumps({"status": "ready"})
+
