@@ -59,36 +59,52 @@ def vhost(broker_admin):
 # --- database --------------------------------------------------------------------------------
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path):
-    """A migrated, empty tickets database: SQLite in tmp_path, or a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'tickets.db'}"
-        upgrade("tickets", url)
-        yield url
-        return
-
+def database_factory(request, tmp_path):
+    """``make("routing")``: a migrated, empty database of that service (SQLite in tmp_path, or a
+    fresh PostgreSQL database, dropped afterwards); every test runs on both backends."""
+    backend = request.param
     server_url = os.environ.get("TEST_POSTGRES_URL")
-    if not server_url:
+    if backend == "postgres" and not server_url:
         pytest.skip("PostgreSQL variant: set TEST_POSTGRES_URL "
                     "(e.g. postgresql://postgres@localhost:5432/postgres) to run it")
-    import psycopg2
-    from sqlalchemy.engine import make_url
+    created = []
+    admin = None
 
-    name = f"hd_{uuid.uuid4().hex[:8]}"
-    admin = psycopg2.connect(server_url, connect_timeout=5)
-    admin.autocommit = True
-    try:
+    def make(service: str = "tickets") -> str:
+        nonlocal admin
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path / (service + '.db')}"
+            upgrade(service, url)
+            return url
+        import psycopg2
+        from sqlalchemy.engine import make_url
+
+        if admin is None:
+            admin = psycopg2.connect(server_url, connect_timeout=5)
+            admin.autocommit = True
+        name = f"hd_{service[:8]}_{uuid.uuid4().hex[:8]}"
         with admin.cursor() as cur:
             cur.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
         url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        upgrade(service, url)
+        return url
+
+    make.backend = backend
+    yield make
+    if admin is not None:
         try:
-            upgrade("tickets", url)
-            yield url
-        finally:
             with admin.cursor() as cur:
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.close()
+                for name in created:
+                    cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            admin.close()
+
+
+@pytest.fixture
+def database_url(database_factory):
+    """A migrated, empty tickets database."""
+    return database_factory("tickets")
 
 
 @pytest.fixture
@@ -102,12 +118,14 @@ def engine(database_url):
 
 # --- the service -----------------------------------------------------------------------------
 
-class TicketsHarness:
-    """Runs ``TicketsService`` in this process; ``start()`` again after ``stop()`` is a restart."""
+class ServiceHarness:
+    """Runs one service class in this process; ``start()`` again after ``stop()`` is a restart."""
 
-    def __init__(self, amqp_uri, database_url, **overrides):
+    service = "tickets"
+
+    def __init__(self, amqp_uri, database_url, extra_config=None, **overrides):
         self.settings = dataclasses.replace(ServiceSettings(
-            service="tickets",
+            service=self.service,
             amqp_uri=amqp_uri,
             database_url=database_url,
             http_host="127.0.0.1",
@@ -118,30 +136,34 @@ class TicketsHarness:
             event_max_attempts=5,
             event_retry_base_seconds=0.05,
         ), **overrides)
+        self.extra_config = dict(extra_config or {})
         self.runner = None
+
+    def service_class(self):
+        from services.tickets.service import TicketsService
+
+        return TicketsService
 
     @property
     def config(self) -> dict:
-        return self.settings.nameko_config()
+        return {**self.settings.nameko_config(), **self.extra_config}
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.http_port}"
 
     def start(self, **overrides):
-        from services.tickets.service import TicketsService
-
         if overrides:
             self.settings = dataclasses.replace(self.settings, **overrides)
         assert self.runner is None, "already running"
         self.runner = ServiceRunner(self.config)
-        self.runner.add_service(TicketsService)
+        self.runner.add_service(self.service_class())
         self.runner.start()
         return self
 
     @property
     def container(self):
-        return self.runner.service_map["tickets"]
+        return self.runner.service_map[self.service]
 
     def stop(self, timeout=10):
         runner, self.runner = self.runner, None
@@ -170,6 +192,18 @@ class TicketsHarness:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                     return sample.value
         return 0.0
+
+
+TicketsHarness = ServiceHarness
+
+
+class RoutingHarness(ServiceHarness):
+    service = "routing"
+
+    def service_class(self):
+        from services.routing.service import RoutingService
+
+        return RoutingService
 
 
 @pytest.fixture
