@@ -1,4 +1,4 @@
-"""End-to-end fixtures: the real processes (migrate, tickets, gateway) on a throwaway RabbitMQ
+"""End-to-end fixtures: the real processes (migrate, tickets, routing, gateway) on a throwaway RabbitMQ
 vhost and a SQLite database in a temporary directory, driven over HTTP with ``requests``.
 
 One stack per test module (``stack``); every module's tests are marked ``e2e``. The tickets
@@ -109,7 +109,7 @@ class ServiceProcess:
 
 
 class Stack:
-    """migrate + tickets + gateway on one vhost; the gateway is ready when ``/readyz`` says so."""
+    """migrate + tickets + routing + gateway on one vhost; the gateway is ready when ``/readyz`` says so."""
 
     def __init__(self, workdir: Path, vhost: str):
         self.workdir = workdir
@@ -117,6 +117,7 @@ class Stack:
         self.amqp_uri = amqp_uri(vhost)
         self.gateway_port = free_port()
         self.tickets_port = free_port()
+        self.routing_port = free_port()
         self.proxy = TcpProxyProcess(BROKER_HOST, BROKER_PORT, workdir / "proxy.log")
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("HELPDESK_", "AMQP_", "TEST_", "PYTEST_"))}
@@ -130,6 +131,11 @@ class Stack:
             # the outbox relay alone goes through the proxy: stopping it is a broker outage
             # for event publishing while RPC stays up
             "HELPDESK_TICKETS_OUTBOX_AMQP_URI": amqp_uri(vhost, "127.0.0.1", self.proxy.port),
+            "HELPDESK_ROUTING_HTTP_HOST": "127.0.0.1",
+            "HELPDESK_ROUTING_HTTP_PORT": str(self.routing_port),
+            # the safety-net sweep runs often so tests need not wait for it
+            "HELPDESK_ROUTING_SWEEP_INTERVAL_SECONDS": "0.5",
+            "HELPDESK_ROUTING_OFFLINE_POLICY": "requeue",
             "HELPDESK_GATEWAY_HTTP_HOST": "127.0.0.1",
             "HELPDESK_GATEWAY_HTTP_PORT": str(self.gateway_port),
             "HELPDESK_GATEWAY_RATE_LIMIT_PER_SECOND": str(RATE_LIMIT_PER_SECOND),
@@ -138,6 +144,7 @@ class Stack:
         })
         self.env = env
         self.tickets = ServiceProcess("tickets", env, workdir / "tickets.log")
+        self.routing = ServiceProcess("routing", env, workdir / "routing.log")
         self.gateway = ServiceProcess("gateway", env, workdir / "gateway.log")
         self.extra_gateways: list[ServiceProcess] = []
 
@@ -151,10 +158,10 @@ class Stack:
 
     def logs(self) -> str:
         return "\n".join(f"--- {service.name} log ({service.log_path}) ---\n{service.log_tail()}"
-                         for service in (self.tickets, self.gateway, *self.extra_gateways))
+                         for service in (self.tickets, self.routing, self.gateway, *self.extra_gateways))
 
     def migrate(self) -> None:
-        result = subprocess.run([sys.executable, "-m", "servicekit.migrate", "tickets"], env=self.env,
+        result = subprocess.run([sys.executable, "-m", "servicekit.migrate", "tickets", "routing"], env=self.env,
                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"migration failed:\n{result.stdout}\n{result.stderr}")
@@ -163,8 +170,10 @@ class Stack:
         self.proxy.start()
         self.migrate()
         self.tickets.start()
+        self.routing.start()
         self.gateway.start()
         self.wait_ready(START_DEADLINE_SECONDS)
+        self.wait_routing_ready(START_DEADLINE_SECONDS)
         return self
 
     def start_extra_gateway(self, **settings) -> str:
@@ -193,7 +202,7 @@ class Stack:
         """The gateway's /readyz is 200 (broker up, tickets answers RPC) within ``timeout``."""
         deadline = time.monotonic() + timeout
         while not self._probe(self.base_url + "/readyz"):
-            for service in (self.tickets, self.gateway):
+            for service in (self.tickets, self.routing, self.gateway):
                 if not service.alive:
                     raise RuntimeError(f"{service.name} exited with {service.process.returncode}\n"
                                        + self.logs())
@@ -211,8 +220,21 @@ class Stack:
                 raise RuntimeError(f"tickets not ready within {timeout}s\n" + self.logs())
             time.sleep(0.1)
 
+    @property
+    def routing_url(self) -> str:
+        return f"http://127.0.0.1:{self.routing_port}"
+
+    def wait_routing_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._probe(self.routing_url + "/readyz"):
+            if not self.routing.alive:
+                raise RuntimeError(f"routing exited with {self.routing.process.returncode}\n" + self.logs())
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"routing not ready within {timeout}s\n" + self.logs())
+            time.sleep(0.1)
+
     def stop(self) -> None:
-        services = (*self.extra_gateways, self.gateway, self.tickets)
+        services = (*self.extra_gateways, self.gateway, self.routing, self.tickets)
         for service in services:
             service.terminate()  # all shut down gracefully at the same time
         for service in services:
