@@ -41,6 +41,14 @@ ESCALATE_ROLES = ("agent", "supervisor", "admin")
 TRIGGERS = ("created", "reopened", "escalated", "unassigned", "capacity_freed", "agent_online",
             "requeued", "sweep")
 
+# routing's state of a ticket: triage (rules not yet run), queued (waits for an agent),
+# assigning (claimed, the tickets service being told), assigned, idle (nothing to route)
+ROUTING_STATES = ("triage", "queued", "assigning", "assigned", "idle")
+# what a recorded decision did
+DECISION_OUTCOMES = ("triaged", "queued", "assigning", "assigned", "released", "escalated")
+# why a candidate agent was not chosen
+EXCLUSION_REASONS = ("offline", "away", "not_in_tier", "missing_skills", "at_capacity")
+
 TICKET_ROUTED = "ticket_routed"
 TICKET_QUEUED = "ticket_queued"
 TICKET_ESCALATED = "ticket_escalated"

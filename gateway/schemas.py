@@ -215,9 +215,9 @@ class QueuesDocument(Schema):
     tiers = fields.List(fields.Nested(TierQueueDocument))
 
 
-DECISION_OUTCOMES = ("assigned", "assigning", "queued", "released", "escalated")
-EXCLUSIONS = ("offline", "away", "not_in_tier", "missing_skills", "at_capacity")
-ROUTING_STATES = ("queued", "assigning", "assigned", "idle")
+EXCLUSIONS = routing.EXCLUSION_REASONS
+DECISION_OUTCOMES = routing.DECISION_OUTCOMES
+ROUTING_STATES = routing.ROUTING_STATES
 
 
 class CandidateDocument(Schema):

@@ -11,7 +11,7 @@
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from contracts.routing import ACTIVE_STATUSES, TIERS
+from contracts.routing import ACTIVE_STATUSES, EXCLUSION_REASONS, ROUTING_STATES, TIERS
 from contracts.tickets import PRIORITIES
 
 PRIORITY_RANK = {priority: rank for rank, priority in enumerate(reversed(PRIORITIES))}  # low 0 .. critical 3
@@ -20,8 +20,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _FAR_FUTURE = datetime(9999, 1, 1, tzinfo=timezone.utc)
 
 # why an agent was not chosen, as recorded in decisions
-OFFLINE, AWAY, NOT_IN_TIER, MISSING_SKILLS, AT_CAPACITY = (
-    "offline", "away", "not_in_tier", "missing_skills", "at_capacity")
+OFFLINE, AWAY, NOT_IN_TIER, MISSING_SKILLS, AT_CAPACITY = EXCLUSION_REASONS
 
 
 def counts_against_capacity(status: str) -> bool:
@@ -218,7 +217,7 @@ def plan_drain(queue, agents, now: datetime, aging_seconds: float | None,
 
 FINISHED_STATUSES = ("solved", "closed")
 # routing's states of a ticket (RoutedTicket.state)
-TRIAGE, QUEUED, ASSIGNING, ASSIGNED, IDLE = "triage", "queued", "assigning", "assigned", "idle"
+TRIAGE, QUEUED, ASSIGNING, ASSIGNED, IDLE = ROUTING_STATES
 ROUTABLE_STATES = (TRIAGE, QUEUED)
 
 
