@@ -251,6 +251,8 @@ IDENTITIES = {
     "acme_lead": ("lead@acme", "requester", "acme", True),
     "agent": ("agent-1", "agent", None, False),
     "viewer": ("auditor-1", "viewer", None, False),
+    "supervisor": ("supervisor-1", "supervisor", None, False),
+    "admin": ("admin-1", "admin", None, False),
 }
 
 
