@@ -125,9 +125,12 @@ class Router:
             if row is None or row.state != domain.TRIAGE:
                 return
             detail = None
+            escalated_from = None
             if outcome is not None and outcome.matched_rule_ids:
-                if outcome.tier:
-                    row.tier = outcome.tier
+                if outcome.tier and outcome.tier != row.tier:
+                    if contract.TIERS.index(outcome.tier) > contract.TIERS.index(row.tier):
+                        escalated_from = row.tier
+                    row.tier = ticket_changes["group"] = outcome.tier
                 row.required_skills = list(outcome.required_skills)
                 if outcome.category and outcome.category != row.category:
                     ticket_changes["category"] = row.category = outcome.category
@@ -135,8 +138,14 @@ class Router:
                     ticket_changes["priority"] = row.priority = outcome.priority
                 detail = "rules matched: " + ", ".join(outcome.matched_rule_ids)
                 ops.record_decision(session, row, "created", "triaged", detail=detail)
+                if escalated_from:  # a rule's starting tier above L1 is an escalation by rule
+                    add_event(session, contract.SERVICE, contract.TICKET_ESCALATED, {"ticket_id": ticket_id}, {
+                        "ticket_id": ticket_id, "from_tier": escalated_from, "to_tier": row.tier,
+                        "reason": detail, "actor_id": "rule:" + outcome.matched_rule_ids[-1], "trigger": "rule"})
             row.state, row.queued_at, row.queue_noted = domain.QUEUED, ops.now_utc(), False
             row.queue_trigger = "created"
+        if escalated_from:
+            metrics.ESCALATIONS.labels(escalated_from, ticket_changes["group"], "rule").inc()
         if ticket_changes:
             try:  # the ticket record shows what the rules decided; its event updates our mirror
                 self.tickets.update_ticket(ops.SYSTEM_ACTOR, ticket_id, ticket_changes)

@@ -262,3 +262,20 @@ def test_two_routers_never_exceed_capacity_nor_assign_twice(tickets_factory, rou
     assignees = Counter(assignee_of(rpc, t["id"]) for t in created)
     assert sum(n for a, n in assignees.items() if a) == sum(loads.values())
     assert all(assignees.get(a, 0) <= capacity[a] for a in agents), assignees
+
+
+def test_a_rule_can_start_a_ticket_in_a_higher_tier_as_an_escalation_by_rule(tickets, routing, rpc, amqp):
+    escalations = amqp.bind("routing", "ticket_escalated")
+    rule = rpc.routing.create_rule(ADMIN, {"name": "outages to L2", "conditions": [
+        {"field": "subject", "operator": "contains_any", "value": ["outage"]}],
+        "actions": {"set_tier": "L2", "raise_priority": "high"}})
+    online_agent(rpc, "ann", tiers=["L1"])
+    online_agent(rpc, "lee", tiers=["L2"])
+
+    ticket = create_ticket(rpc, subject="Total outage in Madrid")
+    wait_for(lambda: assignee_of(rpc, ticket["id"]) == "lee", timeout=10)
+    wait_for(lambda: rpc.tickets.get_ticket(ADMIN, ticket["id"])["priority"] == "high", timeout=5)
+    assert rpc.tickets.get_ticket(ADMIN, ticket["id"])["group"] == "L2"
+    payload = amqp.wait_message(escalations, timeout=5).payload["payload"]
+    assert payload["trigger"] == "rule" and payload["actor_id"] == f"rule:{rule['id']}"
+    assert (payload["from_tier"], payload["to_tier"]) == ("L1", "L2")
