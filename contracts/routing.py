@@ -99,7 +99,8 @@ class _AgentFields(_Strict):
 
     @validates("skills")
     def _distinct_skills(self, value, **_):
-        names = [skill["name"] for skill in value]
+        # a nested entry that failed its own validation arrives without its name: skip it
+        names = [skill["name"] for skill in value if isinstance(skill, dict) and "name" in skill]
         if len(names) != len(set(names)):
             raise SchemaError("each skill at most once")
 

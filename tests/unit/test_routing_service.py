@@ -1,0 +1,236 @@
+"""RoutingService entrypoints via nameko's worker_factory: validation at the RPC edge, typed
+errors, once-only event handling and malformed events. A real UnitOfWork over a migrated SQLite
+routing database stands in for ``db``; a recording fake stands in for the tickets proxy."""
+import uuid
+from types import SimpleNamespace
+
+import pytest
+from nameko.testing.services import worker_factory
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+
+from contracts.errors import Conflict, Forbidden, NotFound, ValidationError
+from contracts.events import make_envelope
+from servicekit.db import UnitOfWork, make_engine
+from servicekit.events import UnprocessableEvent
+from servicekit.migrate import upgrade
+from servicekit.tables import OUTBOX
+from services.routing.models import Decision, RoutedTicket
+from services.routing.router import RoutingSettings
+from services.routing.service import RoutingService
+
+ADMIN = {"id": "admin-1", "role": "admin"}
+SUPERVISOR = {"id": "sup-1", "role": "supervisor"}
+REQUESTER = {"id": "alice", "role": "requester", "organization_id": "acme"}
+VIEWER = {"id": "auditor", "role": "viewer"}
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory):
+    path = tmp_path_factory.mktemp("routing-template") / "routing.db"
+    upgrade("routing", f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def uow(tmp_path, template_db):
+    path = tmp_path / "routing.db"
+    path.write_bytes(template_db.read_bytes())
+    engine = make_engine(f"sqlite:///{path}", pool_size=2)
+    yield UnitOfWork(sessionmaker(engine, expire_on_commit=False))
+    engine.dispose()
+
+
+class FakeTickets:
+    """The tickets RPCs routing calls; assign answers with a view whose version grows."""
+
+    def __init__(self):
+        self.calls = []
+        self.versions = {}
+
+    def assign_ticket(self, actor, ticket_id, assignee_id, group):
+        self.calls.append(("assign_ticket", ticket_id, assignee_id, group))
+        self.versions[ticket_id] = self.versions.get(ticket_id, 1) + 1
+        return snapshot(ticket_id, version=self.versions[ticket_id], assignee_id=assignee_id,
+                        status="open" if assignee_id else "new", group=group)
+
+    def get_ticket(self, actor, ticket_id):
+        self.calls.append(("get_ticket", ticket_id))
+        return {**snapshot(ticket_id), "description": "text"}
+
+    def update_ticket(self, actor, ticket_id, changes):
+        self.calls.append(("update_ticket", ticket_id, changes))
+
+    def add_comment(self, actor, ticket_id, data):
+        self.calls.append(("add_comment", ticket_id, data))
+
+
+@pytest.fixture
+def tickets():
+    return FakeTickets()
+
+
+@pytest.fixture
+def service(uow, tickets):
+    policy = SimpleNamespace(settings=RoutingSettings(), rpc_timeout=1)
+    return worker_factory(RoutingService, db=uow, tickets=tickets, policy=policy)
+
+
+def snapshot(ticket_id, version=1, status="new", assignee_id=None, group=None, priority="normal"):
+    return {"id": ticket_id, "number": 1001, "subject": "VPN down", "status": status, "priority": priority,
+            "category": None, "tags": [], "channel": "web", "requester_id": "alice", "organization_id": "acme",
+            "assignee_id": assignee_id, "group": group, "version": version,
+            "created_at": "2026-11-26T00:00:00Z", "updated_at": "2026-11-26T00:00:00Z"}
+
+
+def created_event(ticket_id, **fields):
+    return make_envelope("tickets", "ticket_created", {"ticket_id": ticket_id},
+                         {"ticket": snapshot(ticket_id, **fields), "actor_id": "alice"})
+
+
+def count(uow, table) -> int:
+    with uow.read() as session:
+        return session.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+def invalid(call, *args) -> dict:
+    with pytest.raises(ValidationError) as caught:
+        call(*args)
+    assert isinstance(caught.value.errors, dict) and caught.value.errors
+    return caught.value.errors
+
+
+# --- the RPC edge --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data, field", [
+    ({"display_name": "No id"}, "id"),
+    ({"id": "x", "display_name": "X", "capacity": "3"}, "capacity"),
+    ({"id": "x", "display_name": "X", "capacity": 3.5}, "capacity"),
+    ({"id": "x", "display_name": "X", "capacity": True}, "capacity"),
+    ({"id": "x", "display_name": "X", "capacity": 51}, "capacity"),
+    ({"id": "x", "display_name": "X", "tiers": []}, "tiers"),
+    ({"id": "x", "display_name": "X", "tiers": ["l1"]}, "tiers"),
+    ({"id": "x", "display_name": "X", "skills": ["networking"]}, "skills"),
+    ({"id": "x", "display_name": "X", "skills": [{"name": "Net Working"}]}, "skills"),
+    ({"id": "x", "display_name": "X", "skills": [{"name": "net"}, {"name": "net"}]}, "skills"),
+    ({"id": "x", "display_name": "X", "skills": [{"name": "net", "proficiency": 9}]}, "skills"),
+    ({"id": "x", "display_name": "X", "languages": ["english"]}, "languages"),
+    ({"id": "x", "display_name": "   "}, "display_name"),
+    ({"id": "x", "display_name": "X", "presence": "online"}, "presence"),
+])
+def test_create_agent_refuses_malformed_fields(service, data, field):
+    assert field in invalid(service.create_agent, SUPERVISOR, data)
+
+
+def test_a_malformed_actor_or_id_is_a_validation_error_not_a_crash(service):
+    assert "role" in invalid(service.list_agents, {"id": "x", "role": "root"})
+    assert "id" in invalid(service.list_agents, {"role": "admin"})
+    invalid(service.get_agent, ADMIN, "x" * 201)
+    invalid(service.get_agent, ADMIN, 42)
+    invalid(service.list_agents, ADMIN, {"tier": "L9"})
+    invalid(service.update_agent, ADMIN, "a", {"capacity": 2}, "3")
+
+
+def test_unknown_ids_are_not_found(service):
+    with pytest.raises(NotFound):
+        service.get_agent(ADMIN, "ghost")
+    with pytest.raises(NotFound):
+        service.set_presence({"id": "ghost", "role": "agent"}, "ghost", "online")
+    with pytest.raises(NotFound):
+        service.get_rule(ADMIN, "not-a-uuid")
+    with pytest.raises(NotFound):
+        service.delete_rule(ADMIN, str(uuid.uuid4()))
+    with pytest.raises(NotFound):
+        service.get_ticket_routing(ADMIN, str(uuid.uuid4()))
+
+
+def test_roles_are_enforced_by_the_service_itself(service):
+    with pytest.raises(Forbidden):
+        service.list_agents(REQUESTER)
+    with pytest.raises(Forbidden):
+        service.create_skill(VIEWER, {"name": "sap"})
+    with pytest.raises(Forbidden):
+        service.create_agent({"id": "a", "role": "agent"}, {"id": "a", "display_name": "A"})
+    with pytest.raises(Forbidden):
+        service.set_presence(VIEWER, "auditor", "online")
+    service.list_agents(VIEWER)  # viewers read
+
+
+def test_duplicates_and_stale_versions_conflict(service):
+    service.create_skill(ADMIN, {"name": "sap"})
+    with pytest.raises(Conflict):
+        service.create_skill(ADMIN, {"name": "sap"})
+    agent = service.create_agent(SUPERVISOR, {"id": "ann", "display_name": "Ann"})
+    with pytest.raises(Conflict):
+        service.create_agent(SUPERVISOR, {"id": "ann", "display_name": "Ann again"})
+    service.update_agent(SUPERVISOR, "ann", {"capacity": 5}, agent["version"])
+    from contracts.errors import PreconditionFailed
+
+    with pytest.raises(PreconditionFailed):
+        service.update_agent(SUPERVISOR, "ann", {"capacity": 1}, agent["version"])
+    assert service.get_agent(ADMIN, "ann")["capacity"] == 5
+
+
+def test_setting_the_same_presence_twice_announces_it_once(service, uow):
+    service.create_agent(SUPERVISOR, {"id": "ann", "display_name": "Ann"})
+    service.set_presence({"id": "ann", "role": "agent"}, "ann", "online")
+    service.set_presence({"id": "ann", "role": "agent"}, "ann", "online")
+    assert count(uow, OUTBOX) == 1
+
+
+# --- events --------------------------------------------------------------------------------------
+
+def test_a_redelivered_ticket_created_event_has_one_effect(service, uow, tickets):
+    ticket_id = str(uuid.uuid4())
+    event = created_event(ticket_id)
+    service.on_ticket_created(event)
+    service.on_ticket_created(event)
+    assert count(uow, RoutedTicket) == 1
+    queued = [d for d in _decisions(uow, ticket_id) if d.outcome == "queued"]
+    assert len(queued) == 1  # nobody online: noted once
+
+
+def test_an_older_snapshot_after_a_newer_one_changes_nothing(service, uow):
+    service.create_agent(SUPERVISOR, {"id": "ann", "display_name": "Ann"})
+    ticket_id = str(uuid.uuid4())
+    service.on_ticket_created(created_event(ticket_id))
+    assigned = make_envelope("tickets", "ticket_assigned", {"ticket_id": ticket_id}, {
+        "ticket": snapshot(ticket_id, version=3, status="open", assignee_id="ann"), "actor_id": "sup-1",
+        "old_assignee_id": None, "new_assignee_id": "ann", "group": None})
+    service.on_ticket_assigned(assigned)
+    stale = make_envelope("tickets", "ticket_updated", {"ticket_id": ticket_id}, {
+        "ticket": snapshot(ticket_id, version=2, priority="high"), "actor_id": "sup-1",
+        "changes": {"priority": ["normal", "high"]}})
+    service.on_ticket_updated(stale)
+    with uow.read() as session:
+        row = session.get(RoutedTicket, ticket_id)
+        assert (row.ticket_version, row.assignee_id, row.priority, row.state) == (3, "ann", "normal", "assigned")
+
+
+@pytest.mark.parametrize("body", [
+    {"event_id": "nope"},
+    {**created_event("t"), "payload": {"ticket": {"id": "t"}}},
+    {**created_event("t"), "occurred_at": "yesterday"},
+])
+def test_a_malformed_event_is_unprocessable(service, body):
+    with pytest.raises(UnprocessableEvent):
+        service.on_ticket_created(body)
+
+
+def test_an_sla_breach_escalates_one_tier_and_notes_why(service, uow, tickets):
+    ticket_id = str(uuid.uuid4())
+    service.on_ticket_created(created_event(ticket_id))
+    breach = make_envelope("sla", "sla_breached", {"ticket_id": ticket_id},
+                           {"ticket_id": ticket_id, "target": "first_response", "policy_id": "p-1"})
+    service.on_sla_breached(breach)
+    with uow.read() as session:
+        assert session.get(RoutedTicket, ticket_id).tier == "L2"
+    assert ("assign_ticket", ticket_id, None, "L2") in tickets.calls
+    notes = [c for c in tickets.calls if c[0] == "add_comment"]
+    assert notes and "first_response" in notes[0][2]["body"] and notes[0][2]["public"] is False
+
+
+def _decisions(uow, ticket_id):
+    with uow.read() as session:
+        return [SimpleNamespace(outcome=d.outcome, trigger=d.trigger)
+                for d in session.scalars(select(Decision).where(Decision.ticket_id == ticket_id))]
