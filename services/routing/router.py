@@ -274,10 +274,14 @@ class Router:
         assigned = 0
         for _ in range(MAX_DRAIN_ROUNDS):
             with self.uow.read() as session:
+                agents = ops.agent_states(session)
+                # nobody free in these tiers (the usual case with a long queue): skip reading it
+                if not any(a.presence == "online" and a.load < a.capacity and a.tiers & set(tiers)
+                           for a in agents):
+                    return assigned
                 queue = ops.queued_tickets(session, tiers)
                 if not queue:
                     return assigned
-                agents = ops.agent_states(session)
             now = ops.now_utc()
             plan = domain.plan_drain(queue, agents, now, self.settings.aging_seconds,
                                      self.settings.relax_skills_after_seconds)
