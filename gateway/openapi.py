@@ -202,7 +202,7 @@ def _routing_paths(spec: APISpec, secured: list) -> None:
             "summary": "List agents", "description": read, "security": secured,
             "parameters": [{"in": "query", "schema": schemas.LIST_AGENTS_QUERY.__class__}, REQUEST_ID],
             "responses": {"200": {"description": "agents matching every filter", "content": _json("AgentList")},
-                          "403": STAFF_READ, "422": _problem("unknown filter or bad value"), **COMMON_ERRORS},
+                          "403": STAFF_READ, "400": _problem("unknown filter or bad value"), **COMMON_ERRORS},
         },
         "post": {
             "summary": "Register an agent for routing",

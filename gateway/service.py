@@ -344,10 +344,10 @@ class GatewayService:
         for name in request.args:
             values = request.args.getlist(name)
             if len(values) > 1:
-                raise ApiProblem(422, f"query parameter {name} given more than once", code="validation_error",
+                raise ApiProblem(400, f"query parameter {name} given more than once",
                                  errors={name: ["give it once"]})
             filters[name] = values[0]
-        web.validate(schemas.LIST_AGENTS_QUERY, filters)
+        web.validate(schemas.LIST_AGENTS_QUERY, filters, status=400)  # a bad query is 400, as for tickets
         return web.json_response(self._routing("list_agents", identity, filters))
 
     @http("POST", "/v1/agents")

@@ -486,8 +486,8 @@ def test_an_if_match_this_api_did_not_issue_is_412(gw, verb, path, body):
     ("tier=L9", "tier"), ("presence=busy", "presence"), ("skill=Not%20A%20Skill", "skill"),
     ("tier=", "tier"), ("colour=red", "colour"), ("tier=L1&tier=L2", "tier"),
 ])
-def test_bad_agent_filters_are_422(gw, query, field):
-    assert_problem(gw.get(f"/v1/agents?{query}"), 422, field)
+def test_bad_agent_filters_are_400_like_ticket_filters(gw, query, field):
+    assert_problem(gw.get(f"/v1/agents?{query}"), 400, field)
     assert_no_rpc(gw)
 
 
