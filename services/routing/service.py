@@ -72,7 +72,9 @@ class TicketsPort:
         self._proxy, self._timeout = proxy, timeout
 
     def _call(self, method, *args):
-        with eventlet.Timeout(self._timeout):
+        # a TimeoutError, not eventlet's own Timeout: that is a BaseException, which the router's
+        # ``except Exception`` around these calls would let escape
+        with eventlet.Timeout(self._timeout, TimeoutError(f"tickets.{method}: no answer in {self._timeout} s")):
             return getattr(self._proxy, method)(*args)
 
     def get_ticket(self, actor, ticket_id):
