@@ -1,0 +1,533 @@
+"""The routing Router's orchestration without a broker (services/routing/router.py).
+
+A real, migrated SQLite database per test; the tickets service is an in-memory fake that keeps
+tickets, records every call and publishes each changed snapshot as the tickets service's event
+would carry it. ``Routing.pump`` delivers those snapshots in order through
+``operations.apply_snapshot`` + ``Router.follow_up``, as the service's event handlers do.
+"""
+import copy
+import shutil
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import eventlet
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from contracts import routing as contract
+from contracts.errors import Conflict, NotFound, ValidationError
+from servicekit.db import UnitOfWork, make_engine
+from servicekit.migrate import upgrade
+from servicekit.tables import OUTBOX
+from services.routing import operations as ops
+from services.routing.models import Decision, RoutedTicket, Skill
+from services.routing.router import Router, RoutingSettings
+from services.routing.service import TicketsPort
+
+SUPERVISOR = ops.Actor("sup-1", "supervisor")
+ANN_ACTOR = ops.Actor("ann", "agent")
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class FakeTickets:
+    """The four tickets RPCs routing calls (get_ticket, assign_ticket, update_ticket,
+    add_comment), in memory, with the real service's rules that matter here: assigning a new
+    ticket opens it, a closed ticket cannot be reassigned, an assignment that changes nothing is
+    answered without a new version."""
+
+    def __init__(self):
+        self.tickets = {}
+        self.calls = []       # (method, ticket_id, *args)
+        self.published = []   # snapshots, in the order the tickets service would publish them
+        self.comments = []
+        self.refusals = {}    # (method, ticket_id) -> [exception, ...] raised by the next calls
+        self._created = 0
+
+    # --- what people do in the tickets service ---
+
+    def create(self, priority="normal", group=None, subject="VPN is down") -> dict:
+        self._created += 1
+        ticket_id = str(uuid.uuid4())
+        # spaced a second apart, in creation order, a little in the past
+        created = datetime.now(timezone.utc) - timedelta(minutes=30) + timedelta(seconds=self._created)
+        self.tickets[ticket_id] = {
+            "id": ticket_id, "number": 1000 + self._created, "subject": subject,
+            "description": "Cannot connect since this morning", "status": "new", "priority": priority,
+            "category": None, "tags": [], "channel": "web", "requester_id": "req-1", "organization_id": "acme",
+            "assignee_id": None, "group": group, "created_at": iso(created), "updated_at": iso(created),
+            "version": 1}
+        return self._publish(ticket_id)
+
+    def set_status(self, ticket_id, status) -> dict:
+        return self._change(ticket_id, status=status)
+
+    # --- the RPCs ---
+
+    def get_ticket(self, actor, ticket_id):
+        self._called("get_ticket", ticket_id)
+        return copy.deepcopy(self._ticket(ticket_id))
+
+    def assign_ticket(self, actor, ticket_id, assignee_id, group):
+        self._called("assign_ticket", ticket_id, assignee_id, group)
+        ticket = self._ticket(ticket_id)
+        if ticket["status"] == "closed":
+            raise Conflict("closed tickets cannot be reassigned", {"status": ["ticket is closed"]})
+        if assignee_id == ticket["assignee_id"] and group in (None, ticket["group"]):
+            return copy.deepcopy(ticket)
+        changes = {"assignee_id": assignee_id}
+        if group is not None:
+            changes["group"] = group
+        if assignee_id is not None and ticket["status"] == "new":
+            changes["status"] = "open"
+        return self._change(ticket_id, **changes)
+
+    def update_ticket(self, actor, ticket_id, changes):
+        self._called("update_ticket", ticket_id, changes)
+        self._ticket(ticket_id)
+        return self._change(ticket_id, **changes)
+
+    def add_comment(self, actor, ticket_id, data):
+        self._called("add_comment", ticket_id, data)
+        self._ticket(ticket_id)
+        self.comments.append((ticket_id, data))
+        return {"id": str(uuid.uuid4()), **data}
+
+    # --- helpers ---
+
+    def assign_calls(self, ticket_id=None):
+        return [call[1:] for call in self.calls
+                if call[0] == "assign_ticket" and (ticket_id is None or call[1] == ticket_id)]
+
+    def _called(self, method, ticket_id, *args):
+        self.calls.append((method, ticket_id, *args))
+        pending = self.refusals.get((method, ticket_id))
+        if pending:
+            raise pending.pop(0)
+
+    def _ticket(self, ticket_id):
+        if ticket_id not in self.tickets:
+            raise NotFound("no such ticket")
+        return self.tickets[ticket_id]
+
+    def _change(self, ticket_id, **changes) -> dict:
+        ticket = self.tickets[ticket_id]
+        ticket.update(changes)
+        ticket["version"] += 1
+        ticket["updated_at"] = iso(datetime.now(timezone.utc))
+        return self._publish(ticket_id)
+
+    def _publish(self, ticket_id) -> dict:
+        self.published.append(copy.deepcopy(self.tickets[ticket_id]))
+        return copy.deepcopy(self.tickets[ticket_id])
+
+
+class SilentProxy:
+    """What nameko's RpcProxy is to ``TicketsPort``, over the fake: ``lose_replies(method, n)``
+    lets the next n calls of ``method`` take effect in the tickets service while their answer
+    never arrives (the caller's deadline fires)."""
+
+    def __init__(self, tickets: FakeTickets):
+        self._tickets = tickets
+        self._lost = {}
+
+    def lose_replies(self, method, count=1):
+        self._lost[method] = count
+
+    def __getattr__(self, method):
+        target = getattr(self._tickets, method)
+
+        def call(*args):
+            result = target(*args)
+            if self._lost.get(method):
+                self._lost[method] -= 1
+                eventlet.sleep(5)  # the deadline of the port fires long before
+            return result
+
+        return call
+
+
+class Routing:
+    """The routing service's entrypoints as far as the Router goes: events, presence, sweeps."""
+
+    def __init__(self, uow, tickets: FakeTickets, settings: RoutingSettings = RoutingSettings(), port=None):
+        self.uow, self.tickets = uow, tickets
+        self.router = Router(uow, port or tickets, settings)
+        self._fed = 0
+
+    def feed(self, snapshot):
+        """One ticket event: mirror the snapshot, commit, then follow up (AfterCommit)."""
+        with self.uow.transaction() as session:
+            row, change = ops.apply_snapshot(session, snapshot)
+            ticket_id = row.ticket_id
+        self.router.follow_up(ticket_id, change)
+        return change
+
+    def pump(self):
+        """Deliver every snapshot the tickets service published since the last pump, in order;
+        follow-ups that change tickets publish more, which are delivered too."""
+        while self._fed < len(self.tickets.published):
+            snapshot = self.tickets.published[self._fed]
+            self._fed += 1
+            self.feed(snapshot)
+
+    def agent(self, agent_id, tiers=("L1",), skills=(), capacity=3, presence="online"):
+        with self.uow.transaction() as session:
+            for skill in skills:
+                if session.get(Skill, skill) is None:
+                    ops.create_skill(session, SUPERVISOR, {"name": skill, "description": None})
+            ops.create_agent(session, SUPERVISOR, contract.CreateAgentRequest().load({
+                "id": agent_id, "display_name": agent_id, "tiers": list(tiers),
+                "skills": [{"name": s} for s in skills], "capacity": capacity}))
+        if presence != "offline":
+            self.presence(agent_id, presence)
+
+    def presence(self, agent_id, presence):
+        with self.uow.transaction() as session:
+            _view, previous = ops.set_presence(session, SUPERVISOR, agent_id, presence)
+        self.router.presence_changed(agent_id, presence, previous)
+
+    def row(self, ticket_id) -> dict:
+        with self.uow.read() as session:
+            row = session.get(RoutedTicket, ticket_id)
+            return {"state": row.state, "assignee_id": row.assignee_id, "status": row.status, "tier": row.tier,
+                    "version": row.ticket_version}
+
+    def state(self, ticket_id) -> str:
+        return self.row(ticket_id)["state"]
+
+    def outcomes(self, ticket_id) -> list:
+        with self.uow.read() as session:
+            return [(d.outcome, d.agent_id) for d in session.scalars(
+                select(Decision).where(Decision.ticket_id == ticket_id).order_by(Decision.decided_at, Decision.id))]
+
+    def load(self, agent_id) -> int:
+        with self.uow.read() as session:
+            return ops.agent_load(session, agent_id)
+
+    def events(self, event_type, ticket_id=None) -> list:
+        with self.uow.read() as session:
+            envelopes = [row.envelope for row in session.execute(
+                select(OUTBOX).where(OUTBOX.c.event_type == event_type).order_by(OUTBOX.c.id))]
+        return [e["payload"] for e in envelopes if ticket_id is None or e["payload"].get("ticket_id") == ticket_id]
+
+
+@pytest.fixture(scope="session")
+def routing_template(tmp_path_factory):
+    path = tmp_path_factory.mktemp("routing-template") / "routing.db"
+    upgrade("routing", f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def routing_uow(tmp_path, routing_template):
+    path = tmp_path / "routing.db"
+    shutil.copyfile(routing_template, path)
+    engine = make_engine(f"sqlite:///{path}", pool_size=2)
+    yield UnitOfWork(sessionmaker(engine, expire_on_commit=False))
+    engine.dispose()
+
+
+@pytest.fixture
+def tickets():
+    return FakeTickets()
+
+
+@pytest.fixture
+def routing(routing_uow, tickets):
+    return Routing(routing_uow, tickets)
+
+
+# --- the ordinary path ---------------------------------------------------------------------------
+
+def test_a_new_ticket_is_triaged_and_assigned_to_the_online_agent(routing, tickets):
+    routing.agent("ann")
+    ticket = tickets.create()
+    routing.pump()
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "ann"
+    assert tickets.tickets[ticket["id"]]["status"] == "open"
+    assert routing.row(ticket["id"]) == {"state": "assigned", "assignee_id": "ann", "status": "open",
+                                         "tier": "L1", "version": 2}
+    assert routing.outcomes(ticket["id"]) == [("assigned", "ann")]
+    routed = routing.events(contract.TICKET_ROUTED, ticket["id"])
+    assert len(routed) == 1 and routed[0]["trigger"] == "created" and routed[0]["agent_id"] == "ann"
+    assert routing.load("ann") == 1
+
+
+def test_pending_frees_the_slot_and_the_next_queued_ticket_takes_it(routing, tickets):
+    routing.agent("ann", capacity=1)
+    first, second = tickets.create(), tickets.create()
+    routing.pump()
+    assert routing.state(first["id"]) == "assigned" and routing.state(second["id"]) == "queued"
+    tickets.set_status(first["id"], "pending")
+    routing.pump()
+    assert tickets.tickets[second["id"]]["assignee_id"] == "ann"
+    assert routing.load("ann") == 1
+    assert routing.events(contract.TICKET_ROUTED, second["id"])[0]["trigger"] == "capacity_freed"
+
+
+# --- a refused claim -----------------------------------------------------------------------------
+
+def test_a_claim_refused_because_the_ticket_closed_releases_the_slot_to_the_next_queued_ticket(routing, tickets):
+    routing.agent("ann", capacity=1, presence="offline")
+    first, second = tickets.create(), tickets.create()
+    routing.pump()
+    assert routing.state(first["id"]) == routing.state(second["id"]) == "queued"
+    tickets.set_status(first["id"], "closed")  # routing has not seen this event yet
+
+    routing.presence("ann", "online")
+
+    assert tickets.assign_calls() == [(first["id"], "ann", "L1"), (second["id"], "ann", "L1")]
+    assert tickets.tickets[second["id"]]["assignee_id"] == "ann"
+    assert routing.row(first["id"])["state"] == "idle" and routing.row(first["id"])["assignee_id"] is None
+    assert routing.outcomes(first["id"]) == [("queued", None), ("released", "ann")]
+    assert routing.outcomes(second["id"]) == [("queued", None), ("assigned", "ann")]
+    assert routing.load("ann") == 1
+    routing.pump()  # the late events change nothing
+    assert routing.state(first["id"]) == "idle" and routing.state(second["id"]) == "assigned"
+    assert routing.load("ann") == 1
+
+
+def test_a_claim_on_a_ticket_the_tickets_service_no_longer_has_is_released(routing, tickets):
+    routing.agent("ann", capacity=1)
+    ticket = tickets.create()
+    tickets.refusals[("assign_ticket", ticket["id"])] = [NotFound("no such ticket")]
+    routing.pump()
+    assert routing.outcomes(ticket["id"]) == [("released", "ann")]
+    assert routing.row(ticket["id"])["state"] == "idle" and routing.load("ann") == 0
+    assert routing.events(contract.TICKET_ROUTED) == []
+
+
+# --- an unanswered delivery ----------------------------------------------------------------------
+
+def test_a_tickets_call_without_an_answer_raises_an_ordinary_timeout_error():
+    # eventlet.Timeout is a BaseException: the Router's ``except Exception`` would let it escape
+    tickets = FakeTickets()
+    ticket = tickets.create()
+    proxy = SilentProxy(tickets)
+    proxy.lose_replies("get_ticket")
+    with pytest.raises(TimeoutError):
+        TicketsPort(proxy, timeout=0.02).get_ticket(ops.SYSTEM_ACTOR, ticket["id"])
+
+
+def test_an_unanswered_delivery_stays_assigning_until_the_sweeper_delivers_it_again(routing_uow, tickets):
+    proxy = SilentProxy(tickets)
+    port = TicketsPort(proxy, timeout=0.05)
+    routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=0), port=port)
+    routing.agent("ann")
+    ticket = tickets.create()
+    proxy.lose_replies("assign_ticket")
+
+    routing.pump()  # the assignment happened in tickets, its answer never came; its event did
+
+    assert routing.row(ticket["id"])["state"] == "assigning"
+    assert routing.row(ticket["id"])["assignee_id"] == "ann"
+    assert routing.load("ann") == 1, "the claim holds the slot meanwhile"
+    assert routing.outcomes(ticket["id"]) == [("assigning", "ann")]
+    assert routing.events(contract.TICKET_ROUTED) == []
+    patient = Router(routing_uow, port, RoutingSettings(retry_after_seconds=3600))
+    assert patient.sweep()["redelivered"] == 0, "not before retry_after_seconds"
+
+    assert routing.router.sweep()["redelivered"] == 1
+
+    assert tickets.assign_calls(ticket["id"]) == [(ticket["id"], "ann", "L1")] * 2
+    assert routing.row(ticket["id"])["state"] == "assigned"
+    assert routing.outcomes(ticket["id"]) == [("assigned", "ann")]
+    assert len(routing.events(contract.TICKET_ROUTED, ticket["id"])) == 1
+    assert routing.router.sweep()["redelivered"] == 0
+    assert routing.load("ann") == 1
+
+
+def test_a_stale_claim_the_tickets_service_now_refuses_is_released_by_the_sweeper(routing_uow, tickets):
+    routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=0))
+    routing.agent("ann")
+    ticket = tickets.create()
+    tickets.refusals[("assign_ticket", ticket["id"])] = [TimeoutError("no answer"),
+                                                         Conflict("closed tickets cannot be reassigned")]
+    routing.pump()
+    assert routing.state(ticket["id"]) == "assigning"
+    routing.router.sweep()
+    assert routing.state(ticket["id"]) == "idle" and routing.load("ann") == 0
+    assert routing.outcomes(ticket["id"])[-1] == ("released", "ann")
+
+
+# --- snapshots out of order and twice ---------------------------------------------------------
+
+def test_an_older_snapshot_arriving_after_a_newer_one_is_ignored(routing, tickets):
+    routing.agent("ann", capacity=1)
+    ticket = tickets.create()
+    routing.pump()
+    assigned = copy.deepcopy(tickets.tickets[ticket["id"]])  # version 2, open, ann
+    routing.feed(tickets.set_status(ticket["id"], "pending"))
+    routing._fed = len(tickets.published)
+    assert routing.load("ann") == 0
+
+    assert routing.feed(assigned) is None
+    assert routing.feed(ticket) is None  # and the very first one
+
+    assert routing.row(ticket["id"]) == {"state": "assigned", "assignee_id": "ann", "status": "pending",
+                                         "tier": "L1", "version": 3}
+    assert routing.load("ann") == 0
+
+
+def test_a_duplicate_snapshot_has_no_second_effect(routing, tickets):
+    ticket = tickets.create()
+    assert routing.feed(ticket) is not None
+    assert routing.feed(ticket) is None
+    assert routing.state(ticket["id"]) == "queued"
+    assert routing.outcomes(ticket["id"]) == [("queued", None)]
+    assert len(routing.events(contract.TICKET_QUEUED, ticket["id"])) == 1
+
+    routing.agent("ann")
+    assigned = tickets.tickets[ticket["id"]]
+    assert assigned["assignee_id"] == "ann"
+    calls = len(tickets.calls)
+    routing.feed(copy.deepcopy(assigned))
+    assert routing.feed(copy.deepcopy(assigned)) is None
+    assert len(tickets.calls) == calls
+    assert len(routing.events(contract.TICKET_ROUTED, ticket["id"])) == 1
+
+
+# --- the waiting decision is recorded once per queue entry -----------------------------------
+
+def test_routing_a_waiting_ticket_again_records_the_queued_decision_once(routing, tickets):
+    ticket = tickets.create()
+    routing.pump()
+    routing.router.route(ticket["id"], "sweep")
+    routing.router.route(ticket["id"], "sweep")
+    routing.router.sweep()
+    assert routing.outcomes(ticket["id"]) == [("queued", None)]
+    assert len(routing.events(contract.TICKET_QUEUED, ticket["id"])) == 1
+
+
+def test_each_time_a_ticket_is_queued_anew_one_queued_decision_is_recorded(routing, tickets):
+    routing.agent("ann", capacity=1)
+    blocker = tickets.create()
+    routing.pump()
+    ticket = tickets.create()
+    routing.pump()
+    assert routing.outcomes(ticket["id"]) == [("queued", None)]
+    tickets.set_status(blocker["id"], "pending")
+    routing.pump()  # ann's slot is free: the ticket goes to ann
+    assert routing.state(ticket["id"]) == "assigned"
+    tickets.set_status(blocker["id"], "open")  # the requester answered: ann is full again
+    tickets.assign_ticket(ops.SYSTEM_ACTOR, ticket["id"], None, None)  # and the ticket goes back
+    routing.pump()
+    routing.router.route(ticket["id"], "sweep")
+    assert [o for o, _ in routing.outcomes(ticket["id"])] == ["queued", "assigned", "queued"]
+    assert len(routing.events(contract.TICKET_QUEUED, ticket["id"])) == 2
+
+
+# --- escalation ----------------------------------------------------------------------------------
+
+def test_escalation_moves_the_ticket_to_the_next_tier_and_an_agent_there(routing, tickets):
+    routing.agent("ann", tiers=("L1",))
+    routing.agent("bob", tiers=("L2",))
+    ticket = tickets.create()
+    routing.pump()
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "ann"
+
+    escalation = routing.router.escalate(ANN_ACTOR, ticket["id"], "needs a network engineer")
+
+    assert (escalation["from_tier"], escalation["to_tier"]) == ("L1", "L2")
+    assert tickets.tickets[ticket["id"]]["group"] == "L2"
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "bob"
+    assert routing.load("ann") == 0 and routing.load("bob") == 1
+    assert routing.row(ticket["id"])["tier"] == "L2"
+    event = routing.events(contract.TICKET_ESCALATED, ticket["id"])
+    assert event == [{"ticket_id": ticket["id"], "from_tier": "L1", "to_tier": "L2",
+                      "reason": "needs a network engineer", "actor_id": "ann", "trigger": "agent"}]
+    assert len(tickets.comments) == 1 and "L1 → L2" in tickets.comments[0][1]["body"]
+
+
+def test_escalating_past_l3_is_a_conflict(routing, tickets):
+    ticket = tickets.create(group="L3")
+    routing.pump()
+    with pytest.raises(Conflict) as caught:
+        routing.router.escalate(ANN_ACTOR, ticket["id"], "even higher")
+    assert caught.value.errors == {"tier": ["at L3"]}
+    assert tickets.assign_calls() == []
+
+
+def test_escalating_to_a_lower_or_the_same_tier_is_invalid(routing, tickets):
+    ticket = tickets.create(group="L2")
+    routing.pump()
+    for target in ("L1", "L2"):
+        with pytest.raises(ValidationError) as caught:
+            routing.router.escalate(ANN_ACTOR, ticket["id"], "wrong way", to_tier=target)
+        assert caught.value.errors == {"to_tier": ["must be above L2"]}
+    assert tickets.assign_calls() == [] and routing.row(ticket["id"])["tier"] == "L2"
+
+
+def test_escalating_a_closed_ticket_is_a_conflict(routing, tickets):
+    ticket = tickets.create()
+    routing.pump()
+    tickets.set_status(ticket["id"], "closed")
+    with pytest.raises(Conflict) as caught:
+        routing.router.escalate(ANN_ACTOR, ticket["id"], "too late")
+    assert caught.value.errors == {"status": ["ticket is closed"]}
+    assert tickets.assign_calls() == [] and tickets.comments == []
+
+
+def test_escalating_an_unknown_ticket_is_not_found(routing, tickets):
+    with pytest.raises(NotFound):
+        routing.router.escalate(ANN_ACTOR, str(uuid.uuid4()), "who?")
+
+
+# --- agents going offline ------------------------------------------------------------------------
+
+def _ann_has_a_ticket_and_bob_is_free(routing, tickets):
+    routing.agent("ann")
+    routing.agent("bob", presence="offline")
+    ticket = tickets.create()
+    routing.pump()
+    routing.presence("bob", "online")
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "ann"
+    return ticket
+
+
+def test_with_the_keep_policy_an_agent_going_offline_keeps_their_tickets(routing_uow, tickets):
+    routing = Routing(routing_uow, tickets, RoutingSettings(offline_policy="keep"))
+    ticket = _ann_has_a_ticket_and_bob_is_free(routing, tickets)
+    calls = len(tickets.assign_calls())
+
+    routing.presence("ann", "offline")
+    routing.pump()
+
+    assert len(tickets.assign_calls()) == calls
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "ann"
+    assert routing.row(ticket["id"])["state"] == "assigned" and routing.load("ann") == 1
+
+
+def test_with_the_requeue_policy_an_agent_going_offline_hands_their_tickets_back(routing_uow, tickets):
+    routing = Routing(routing_uow, tickets, RoutingSettings(offline_policy="requeue"))
+    ticket = _ann_has_a_ticket_and_bob_is_free(routing, tickets)
+
+    routing.presence("ann", "offline")
+    routing.pump()
+
+    assert tickets.assign_calls(ticket["id"])[-2:] == [(ticket["id"], None, None), (ticket["id"], "bob", "L1")]
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "bob"
+    assert routing.row(ticket["id"])["assignee_id"] == "bob"
+    assert routing.load("ann") == 0 and routing.load("bob") == 1
+
+
+def test_going_away_hands_nothing_back_even_with_the_requeue_policy(routing, tickets):
+    ticket = _ann_has_a_ticket_and_bob_is_free(routing, tickets)
+    routing.presence("ann", "away")
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "ann"
+
+
+def test_a_ticket_reopened_while_its_assignee_is_offline_goes_to_someone_online(routing_uow, tickets):
+    routing = Routing(routing_uow, tickets, RoutingSettings(offline_policy="keep"))
+    ticket = _ann_has_a_ticket_and_bob_is_free(routing, tickets)
+    tickets.set_status(ticket["id"], "solved")
+    routing.pump()
+    routing.presence("ann", "offline")
+    tickets.set_status(ticket["id"], "open")
+    routing.pump()
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "bob"
+    assert routing.load("ann") == 0 and routing.load("bob") == 1
