@@ -158,18 +158,32 @@ def order_queue(tickets, now: datetime, aging_seconds: float | None) -> list:
 
 def next_ticket_for(agent: AgentState, queue, now: datetime, aging_seconds: float | None,
                     relax_after_seconds: float | None = None) -> QueuedTicket | None:
-    """The first ticket in queue order that ``agent`` may take (None: none, or agent not free)."""
+    """The first ticket in queue order that ``agent`` may take (None: none, or agent not free).
+
+    It scans a tier's whole queue for every freed slot, so rather than build ``queue_key`` for
+    each ticket it compares the key's fields one by one, and it skips the aged priority of a
+    ticket that is behind the best so far on the rest of the key while the best is critical.
+    """
     if agent.presence != "online" or agent.load >= agent.capacity:
         return None
-    best, best_key = None, None
+    tiers, skills = agent.tiers, agent.skills
+    best, best_rank, best_due, behind = None, None, None, False
     for ticket in queue:
-        if ticket.tier not in agent.tiers:
+        if ticket.tier not in tiers:
             continue
-        if not ticket.required_skills <= agent.skills and not skills_relaxed(ticket, now, relax_after_seconds):
+        required = ticket.required_skills
+        if required and not required <= skills and not skills_relaxed(ticket, now, relax_after_seconds):
             continue
-        key = queue_key(ticket, now, aging_seconds)
-        if best_key is None or key < best_key:
-            best, best_key = ticket, key
+        due = ticket.sla_due_at or _FAR_FUTURE
+        if best is not None:
+            behind = due > best_due or (due == best_due and (ticket.created_at, ticket.ticket_id)
+                                        >= (best.created_at, best.ticket_id))
+            if behind and best_rank == MAX_RANK:
+                continue  # its priority can at most tie the best's
+        rank = effective_rank(ticket, now, aging_seconds)
+        if best is not None and (rank < best_rank or (rank == best_rank and behind)):
+            continue
+        best, best_rank, best_due = ticket, rank, due
     return best
 
 
