@@ -362,19 +362,44 @@ class Router:
         if contract.TIERS.index(target) <= contract.TIERS.index(from_tier):
             raise ValidationError(f"{target} is not above the ticket's tier {from_tier}",
                                   {"to_tier": [f"must be above {from_tier}"]})
-        view = self.tickets.assign_ticket(ops.SYSTEM_ACTOR, ticket_id, None, target)
+        started = ops.now_utc()
+        # the new tier first: the unassignment below is announced, and this service's own handler
+        # of that event may route the ticket before the call returns; it must route in the new tier
+        # (only an assigned ticket: a queued one would be claimable in the new tier before the
+        # unassignment lands, which would then undo the claim)
+        with self.uow.transaction() as session:
+            row = ops.get_routed(session, ticket_id, for_update=True)
+            moved_early = row is not None and row.state == domain.ASSIGNED and row.tier == from_tier
+            if moved_early:
+                row.tier = target
+        try:
+            view = self.tickets.assign_ticket(ops.SYSTEM_ACTOR, ticket_id, None, target)
+        except HelpdeskError:  # refused (closed meanwhile, gone): the ticket stays where it was
+            if moved_early:
+                with self.uow.transaction() as session:
+                    row = ops.get_routed(session, ticket_id, for_update=True)
+                    if row.tier == target and row.state == domain.ASSIGNED:
+                        row.tier = from_tier
+            raise
         detail = f"{from_tier} -> {target} by {actor.id}: {reason}"
         with self.uow.transaction() as session:
             row, change = ops.apply_snapshot(session, view)
-            if row.state == domain.ASSIGNING:  # a claim in flight for the old tier loses
-                session.execute(update(Decision).where(Decision.id == row.claim_decision_id,
-                                                       Decision.outcome == "assigning")
-                                .values(outcome="released", detail="escalated meanwhile"))
-            now = ops.now_utc()
-            row.tier, row.state, row.assignee_id = target, domain.QUEUED, None
-            row.queued_at, row.queue_trigger, row.queue_noted = now, "escalated", False
-            row.claim_decision_id = row.claimed_at = None
+            claim = session.get(Decision, row.claim_decision_id) if row.claim_decision_id else None
+            # that handler may already have claimed (or assigned) the ticket in the new tier: keep it
+            taken = (row.state in (domain.ASSIGNING, domain.ASSIGNED) and claim is not None
+                     and claim.tier == target and claim.outcome in ("assigning", "assigned"))
+            if not taken:
+                if row.state == domain.ASSIGNING:  # a claim in flight for the old tier loses
+                    session.execute(update(Decision).where(Decision.id == row.claim_decision_id,
+                                                           Decision.outcome == "assigning")
+                                    .values(outcome="released", detail="escalated meanwhile"))
+                now = ops.now_utc()
+                row.state, row.assignee_id = domain.QUEUED, None
+                row.queued_at, row.queue_trigger, row.queue_noted = now, "escalated", False
+                row.claim_decision_id = row.claimed_at = None
+            row.tier = target
             decision = ops.record_decision(session, row, "escalated", "escalated", detail=detail, tier=target)
+            decision.decided_at = started  # before any assignment in the new tier, in the history
             add_event(session, contract.SERVICE, contract.TICKET_ESCALATED, {"ticket_id": ticket_id}, {
                 "ticket_id": ticket_id, "from_tier": from_tier, "to_tier": target, "reason": reason,
                 "actor_id": actor.id, "trigger": trigger})
@@ -388,7 +413,8 @@ class Router:
             log.warning("escalation note not added to %s: %r", ticket_id, exc)
         if change is not None and change.freed_agent:
             self.drain_for_agent(change.freed_agent, "capacity_freed")
-        self.route(ticket_id, "escalated")
+        if not taken:
+            self.route(ticket_id, "escalated")
         return escalation
 
     # --- the safety net ------------------------------------------------------------------------
