@@ -51,6 +51,10 @@ class Agent(Base):
     # write lock (SQLite) before the agent's load is counted, so two routers never both fill
     # the last slot
     claim_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # the agent's active tickets (status new/open) as routing mirrors them, kept exact by
+    # operations.set_assignment in the same transaction as every change of a ticket's assignee
+    # or status; a claim takes a slot with one atomic UPDATE ... WHERE active_load < capacity
+    active_load: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 

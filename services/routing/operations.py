@@ -93,20 +93,45 @@ def list_skills(session: Session, actor) -> dict:
 
 # --- agents ---------------------------------------------------------------------------------------
 
-def _active_load_query():
-    return (select(RoutedTicket.assignee_id, func.count())
-            .where(RoutedTicket.assignee_id.is_not(None),
-                   RoutedTicket.status.in_(contract.ACTIVE_STATUSES))
-            .group_by(RoutedTicket.assignee_id))
+def recount_loads(session: Session) -> dict:
+    """Active tickets per agent counted from the mirror: what ``agents.active_load`` must equal
+    (tests and the consistency check use it; the hot path reads the counter)."""
+    return dict(session.execute(
+        select(RoutedTicket.assignee_id, func.count())
+        .where(RoutedTicket.assignee_id.is_not(None), RoutedTicket.status.in_(contract.ACTIVE_STATUSES))
+        .group_by(RoutedTicket.assignee_id)).all())
 
 
 def agent_loads(session: Session) -> dict:
-    return dict(session.execute(_active_load_query()).all())
+    return dict(session.execute(select(Agent.id, Agent.active_load)).all())
 
 
 def agent_load(session: Session, agent_id: str) -> int:
-    return session.scalar(select(func.count()).select_from(RoutedTicket).where(
-        RoutedTicket.assignee_id == agent_id, RoutedTicket.status.in_(contract.ACTIVE_STATUSES))) or 0
+    return session.scalar(select(Agent.active_load).where(Agent.id == agent_id)) or 0
+
+
+def _counted_by(assignee_id: str | None, status: str | None) -> str | None:
+    return assignee_id if assignee_id and domain.counts_against_capacity(status or "") else None
+
+
+def set_assignment(session: Session, row: RoutedTicket, assignee_id: str | None, status: str) -> None:
+    """The one way a mirrored ticket's assignee or status changes: moves the active-ticket count
+    between agents in the same transaction (the caller holds the ticket row's lock)."""
+    before, after = _counted_by(row.assignee_id, row.status), _counted_by(assignee_id, status)
+    if before != after:
+        for agent_id, delta in ((before, -1), (after, 1)):
+            if agent_id is not None:  # an id routing does not know updates nothing
+                session.execute(update(Agent).where(Agent.id == agent_id)
+                                .values(active_load=Agent.active_load + delta))
+    row.assignee_id, row.status = assignee_id, status
+
+
+def lock_ticket(session: Session, ticket_id: str) -> None:
+    """Take the ticket row's lock (PostgreSQL) or the write lock (SQLite) before reading it, so
+    what the transaction then reads cannot change under it (pysqlite reads before the first
+    write outside any transaction)."""
+    session.execute(update(RoutedTicket).where(RoutedTicket.ticket_id == ticket_id)
+                    .values(updated_at=now_utc()))
 
 
 def agent_view(agent: Agent, load: int) -> dict:
@@ -119,15 +144,16 @@ def agent_view(agent: Agent, load: int) -> dict:
     }
 
 
-def agent_state(agent: Agent, load: int) -> domain.AgentState:
-    return domain.AgentState(
-        agent.id, frozenset(agent.tiers), frozenset(s["name"] for s in agent.skills), agent.presence,
-        agent.capacity, load, agent.last_assigned_at or None)
+_AGENT_STATE_COLUMNS = select(Agent.id, Agent.tiers, Agent.skills, Agent.presence, Agent.capacity,
+                              Agent.active_load, Agent.last_assigned_at)
 
 
 def agent_states(session: Session) -> list:
-    loads = agent_loads(session)
-    return [agent_state(a, loads.get(a.id, 0)) for a in session.scalars(select(Agent))]
+    """Every agent as the chooser sees it (plain columns: no ORM objects on the hot path)."""
+    return [domain.AgentState(id_, frozenset(tiers), frozenset(s["name"] for s in skills), presence,
+                              capacity, load, last_assigned_at)
+            for id_, tiers, skills, presence, capacity, load, last_assigned_at
+            in session.execute(_AGENT_STATE_COLUMNS)]
 
 
 def _get_agent(session: Session, agent_id: str, for_update: bool = False) -> Agent:
@@ -146,7 +172,7 @@ def create_agent(session: Session, actor, data: dict) -> dict:
     agent = Agent(id=data["id"], display_name=data["display_name"], tiers=data["tiers"], skills=data["skills"],
                   languages=data["languages"], groups=data["groups"], capacity=data["capacity"],
                   presence="offline", presence_changed_at=now, last_assigned_at=None, version=1, claim_seq=0,
-                  created_at=now, updated_at=now)
+                  active_load=recount_loads_of(session, data["id"]), created_at=now, updated_at=now)
     session.add(agent)
     try:
         session.flush()
@@ -154,6 +180,12 @@ def create_agent(session: Session, actor, data: dict) -> dict:
         session.rollback()
         raise Conflict(f"agent {data['id']!r} already exists", {"id": ["already exists"]})
     return agent_view(agent, 0)
+
+
+def recount_loads_of(session: Session, agent_id: str) -> int:
+    """Tickets already assigned to this id (by hand, before the agent was registered)."""
+    return session.scalar(select(func.count()).select_from(RoutedTicket).where(
+        RoutedTicket.assignee_id == agent_id, RoutedTicket.status.in_(contract.ACTIVE_STATUSES))) or 0
 
 
 def _may_read_agent(actor, agent_id: str) -> None:
@@ -164,12 +196,11 @@ def _may_read_agent(actor, agent_id: str) -> None:
 def get_agent(session: Session, actor, agent_id: str) -> dict:
     _may_read_agent(actor, agent_id)
     agent = _get_agent(session, agent_id)
-    return agent_view(agent, agent_load(session, agent_id))
+    return agent_view(agent, agent.active_load)
 
 
 def list_agents(session: Session, actor, filters: dict) -> dict:
     _require(actor, contract.READ_ROLES, "read agents")
-    loads = agent_loads(session)
     items = []
     for agent in session.scalars(select(Agent).order_by(Agent.id)):
         if "tier" in filters and filters["tier"] not in agent.tiers:
@@ -178,7 +209,7 @@ def list_agents(session: Session, actor, filters: dict) -> dict:
             continue
         if "skill" in filters and filters["skill"] not in {s["name"] for s in agent.skills}:
             continue
-        items.append(agent_view(agent, loads.get(agent.id, 0)))
+        items.append(agent_view(agent, agent.active_load))
     return {"items": items}
 
 
@@ -198,7 +229,7 @@ def update_agent(session: Session, actor, agent_id: str, changes: dict, expected
         agent.version += 1
         agent.updated_at = now_utc()
         session.flush()
-    return agent_view(agent, agent_load(session, agent_id))
+    return agent_view(agent, agent.active_load)
 
 
 def set_presence(session: Session, actor, agent_id: str, presence: str) -> tuple[dict, str]:
@@ -217,7 +248,7 @@ def set_presence(session: Session, actor, agent_id: str, presence: str) -> tuple
         session.flush()
         add_event(session, contract.SERVICE, contract.AGENT_PRESENCE_CHANGED, {"agent_id": agent.id}, {
             "agent_id": agent.id, "presence": presence, "previous": previous, "tiers": agent.tiers})
-    return agent_view(agent, agent_load(session, agent_id)), previous
+    return agent_view(agent, agent.active_load), previous
 
 
 def active_tickets_of(session: Session, agent_id: str) -> list:
@@ -337,7 +368,7 @@ def apply_snapshot(session: Session, snapshot: dict) -> tuple[RoutedTicket, doma
         before_status = before_assignee = prev_state = None
         group = snapshot.get("group")
         row = RoutedTicket(ticket_id=snapshot["id"], tier=group if group in contract.TIERS else contract.TIERS[0],
-                           required_skills=[], state=domain.IDLE, queue_noted=False,
+                           required_skills=[], state=domain.IDLE, queue_noted=False, assignee_id=None, status=None,
                            ticket_created_at=_parse_time(snapshot["created_at"]))
         session.add(row)
     else:
@@ -345,12 +376,13 @@ def apply_snapshot(session: Session, snapshot: dict) -> tuple[RoutedTicket, doma
     assignee = snapshot.get("assignee_id")
     online = bool(assignee) and session.scalar(select(Agent.presence).where(Agent.id == assignee)) == "online"
     change = domain.after_snapshot(prev_state, before_status, before_assignee, snapshot["status"], assignee, online)
-    row.number, row.subject, row.status = snapshot["number"], snapshot["subject"], snapshot["status"]
+    row.number, row.subject = snapshot["number"], snapshot["subject"]
     row.priority, row.category, row.channel = snapshot["priority"], snapshot.get("category"), snapshot["channel"]
     row.organization_id, row.tags = snapshot.get("organization_id"), list(snapshot.get("tags") or [])
     row.ticket_version, row.updated_at = snapshot["version"], now
-    if change.state != domain.ASSIGNING:
-        row.assignee_id = assignee
+    # a ticket being claimed keeps the claimed agent until the claim is confirmed or released
+    set_assignment(session, row, row.assignee_id if change.state == domain.ASSIGNING else assignee,
+                   snapshot["status"])
     if change.state in domain.ROUTABLE_STATES and row.state != change.state:
         row.queued_at, row.queue_trigger, row.queue_noted = now, change.trigger, False
     elif change.state not in domain.ROUTABLE_STATES + (domain.ASSIGNING,):
@@ -428,12 +460,12 @@ def queue_stats(session: Session) -> dict:
             .where(RoutedTicket.state == domain.QUEUED).group_by(RoutedTicket.tier)):
         if tier in stats:
             stats[tier]["depth"], stats[tier]["oldest_queued_at"] = depth, oldest
-    loads = agent_loads(session)
-    for agent in session.scalars(select(Agent).where(Agent.presence == "online")):
-        for tier in agent.tiers:
+    for tiers, load, capacity in session.execute(
+            select(Agent.tiers, Agent.active_load, Agent.capacity).where(Agent.presence == "online")):
+        for tier in tiers:
             stats[tier]["agents_online"] += 1
-            stats[tier]["active_tickets"] += loads.get(agent.id, 0)
-            stats[tier]["capacity_online"] += agent.capacity
+            stats[tier]["active_tickets"] += load
+            stats[tier]["capacity_online"] += capacity
     return stats
 
 

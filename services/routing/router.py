@@ -69,6 +69,10 @@ class RoutingSettings:
         )
 
 
+class _LostRace(Exception):
+    """Another router took the agent's last slot or the ticket first; the claim rolls back."""
+
+
 @dataclass(frozen=True)
 class Claim:
     ticket_id: str
@@ -121,6 +125,7 @@ class Router:
         outcome = rules.evaluate(active_rules, ticket) if active_rules else None
         ticket_changes = {}
         with self.uow.transaction() as session:
+            ops.lock_ticket(session, ticket_id)
             row = ops.get_routed(session, ticket_id, for_update=True)
             if row is None or row.state != domain.TRIAGE:
                 return
@@ -179,6 +184,7 @@ class Router:
 
     def _note_queued(self, ticket_id: str, trigger: str, choice: domain.Choice) -> None:
         with self.uow.transaction() as session:
+            ops.lock_ticket(session, ticket_id)
             row = ops.get_routed(session, ticket_id, for_update=True)
             if row is None or row.state != domain.QUEUED or row.queue_noted:
                 return
@@ -192,28 +198,34 @@ class Router:
         metrics.QUEUED.labels(tier, trigger).inc()
 
     def _claim(self, ticket_id: str, agent_id: str, choice: domain.Choice, trigger: str) -> Claim | None:
-        with self.uow.transaction() as session:
-            # agent first: the UPDATE takes its row lock (the write lock on SQLite) before counting
-            locked = session.execute(update(Agent).where(Agent.id == agent_id, Agent.presence == "online")
-                                     .values(claim_seq=Agent.claim_seq + 1)).rowcount
-            if not locked:
-                return None
-            agent = session.get(Agent, agent_id, populate_existing=True)
-            if ops.agent_load(session, agent_id) >= agent.capacity:
-                return None
-            now = ops.now_utc()
-            decision_id = ops.new_id()
-            claimed = session.execute(
-                update(RoutedTicket).where(RoutedTicket.ticket_id == ticket_id, RoutedTicket.state == domain.QUEUED)
-                .values(state=domain.ASSIGNING, assignee_id=agent_id, claim_decision_id=decision_id,
-                        claimed_at=now, updated_at=now)).rowcount
-            if not claimed:
-                return None
-            agent.last_assigned_at = now
-            row = session.get(RoutedTicket, ticket_id, populate_existing=True)
-            decision = ops.record_decision(session, row, trigger, "assigning", choice, agent_id)
-            decision.id = decision_id
-            return Claim(ticket_id, agent_id, decision_id, row.tier, trigger, row.ticket_created_at)
+        now = ops.now_utc()
+        decision_id = ops.new_id()
+        try:
+            with self.uow.transaction() as session:
+                # agent first: one atomic UPDATE takes a slot only if there is one (it holds the
+                # agent's row lock, or SQLite's write lock, until commit)
+                if not session.execute(
+                        update(Agent).where(Agent.id == agent_id, Agent.presence == "online",
+                                            Agent.active_load < Agent.capacity)
+                        .values(active_load=Agent.active_load + 1, claim_seq=Agent.claim_seq + 1,
+                                last_assigned_at=now)).rowcount:
+                    raise _LostRace()
+                # then the ticket, by compare-and-set: only a queued (hence active) ticket is taken
+                if not session.execute(
+                        update(RoutedTicket).where(RoutedTicket.ticket_id == ticket_id,
+                                                   RoutedTicket.state == domain.QUEUED,
+                                                   RoutedTicket.assignee_id.is_(None),
+                                                   RoutedTicket.status.in_(contract.ACTIVE_STATUSES))
+                        .values(state=domain.ASSIGNING, assignee_id=agent_id, claim_decision_id=decision_id,
+                                claimed_at=now, updated_at=now)).rowcount:
+                    raise _LostRace()  # rolls the slot back too
+                row = session.get(RoutedTicket, ticket_id, populate_existing=True)
+                decision = ops.record_decision(session, row, trigger, "assigning", choice, agent_id)
+                decision.id = decision_id
+                claim = Claim(ticket_id, agent_id, decision_id, row.tier, trigger, row.ticket_created_at)
+        except _LostRace:
+            return None
+        return claim
 
     def _deliver(self, claim: Claim) -> bool:
         try:
@@ -255,8 +267,8 @@ class Router:
                 return
             row = ops.get_routed(session, claim.ticket_id, for_update=True)
             if row.claim_decision_id == claim.decision_id and row.state == domain.ASSIGNING:
-                row.state, row.assignee_id = domain.IDLE, None
-                row.queued_at = row.queue_trigger = None
+                ops.set_assignment(session, row, None, row.status)
+                row.state, row.queued_at, row.queue_trigger = domain.IDLE, None, None
         metrics.RELEASED.inc()
         log.info("claim of %s for %s released: %s", claim.ticket_id, claim.agent_id, reason)
         self.drain_for_agent(claim.agent_id, "capacity_freed")
@@ -334,6 +346,7 @@ class Router:
             log.warning("could not unassign %s for re-routing: %r", ticket_id, exc)
             return
         with self.uow.transaction() as session:
+            ops.lock_ticket(session, ticket_id)
             row, change = ops.apply_snapshot(session, view)
             if row.state == domain.QUEUED:
                 row.queue_trigger = trigger
@@ -368,6 +381,7 @@ class Router:
         # (only an assigned ticket: a queued one would be claimable in the new tier before the
         # unassignment lands, which would then undo the claim)
         with self.uow.transaction() as session:
+            ops.lock_ticket(session, ticket_id)
             row = ops.get_routed(session, ticket_id, for_update=True)
             moved_early = row is not None and row.state == domain.ASSIGNED and row.tier == from_tier
             if moved_early:
@@ -377,12 +391,14 @@ class Router:
         except HelpdeskError:  # refused (closed meanwhile, gone): the ticket stays where it was
             if moved_early:
                 with self.uow.transaction() as session:
+                    ops.lock_ticket(session, ticket_id)
                     row = ops.get_routed(session, ticket_id, for_update=True)
                     if row.tier == target and row.state == domain.ASSIGNED:
                         row.tier = from_tier
             raise
         detail = f"{from_tier} -> {target} by {actor.id}: {reason}"
         with self.uow.transaction() as session:
+            ops.lock_ticket(session, ticket_id)
             row, change = ops.apply_snapshot(session, view)
             claim = session.get(Decision, row.claim_decision_id) if row.claim_decision_id else None
             # that handler may already have claimed (or assigned) the ticket in the new tier: keep it
@@ -394,8 +410,8 @@ class Router:
                                                            Decision.outcome == "assigning")
                                     .values(outcome="released", detail="escalated meanwhile"))
                 now = ops.now_utc()
-                row.state, row.assignee_id = domain.QUEUED, None
-                row.queued_at, row.queue_trigger, row.queue_noted = now, "escalated", False
+                ops.set_assignment(session, row, None, row.status)
+                row.state, row.queued_at, row.queue_trigger, row.queue_noted = domain.QUEUED, now, "escalated", False
                 row.claim_decision_id = row.claimed_at = None
             row.tier = target
             decision = ops.record_decision(session, row, "escalated", "escalated", detail=detail, tier=target)

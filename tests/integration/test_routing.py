@@ -207,6 +207,9 @@ def _active_loads(routing_db):
                 "SELECT assignee_id, count(*) FROM routed_tickets WHERE assignee_id IS NOT NULL "
                 "AND status IN ('new', 'open') GROUP BY assignee_id")).all()
             capacity = dict(connection.execute(text("SELECT id, capacity FROM agents")).all())
+            counters = dict(connection.execute(text("SELECT id, active_load FROM agents")).all())
+            # the counter the claims rely on equals the count from the mirror
+            assert counters == {a: dict(rows).get(a, 0) for a in counters}, (counters, rows)
             queued = connection.execute(text(
                 "SELECT count(*) FROM routed_tickets WHERE state = 'queued'")).scalar()
             return dict(rows), capacity, queued
