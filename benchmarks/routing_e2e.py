@@ -347,7 +347,10 @@ def assignment_times(base_url, token, ticket_ids, readers: int = 4) -> dict:
                 if ticket_id is None:
                     return
                 history = client.expect(200, "GET", f"/v1/tickets/{ticket_id}/history")
-                at = next((parse_time(e["occurred_at"]) for e in history["items"] if e["action"] == "assigned"), None)
+                # the first entry that gives the ticket an assignee: "assigned", or "updated" when
+                # routing delivers the rules' changes with the assignment in one call
+                at = next((parse_time(e["occurred_at"]) for e in history["items"]
+                           if (e["changes"].get("assignee_id") or [None, None])[1]), None)
                 if at is not None:
                     with lock:
                         found[ticket_id] = at

@@ -169,19 +169,33 @@ def _retryable(exc: BaseException) -> bool:
     return not isinstance(exc, (UnprocessableEvent, HelpdeskError, SchemaError))
 
 
-def handles_event_once(source_service: str, event_type: str, payload_schema=None, db_attr: str = "db"):
+def handles_event_once(source_service: str, event_type: str, payload_schema=None, db_attr: str = "db",
+                       already_applied=None):
+    """``already_applied(self, session, envelope) -> bool``: an optional read-only check that the
+    event can have no effect any more (e.g. its snapshot is older than what the service holds);
+    such an event is acked without a write transaction. Only for handlers whose effect is a pure
+    function of state, where applying a stale event twice would change nothing either."""
+
     def decorator(method):
         handler_name = method.__name__
+        # built once: a schema instance holds no per-load state, and building one costs more
+        # than loading a payload with it
+        payload_loader = payload_schema() if isinstance(payload_schema, type) else payload_schema
 
         @functools.wraps(method)
         def wrapper(self, body):
             try:
                 envelope = _envelope_schema.load(body)
-                if payload_schema is not None:
-                    envelope["payload"] = payload_schema().load(envelope["payload"])
+                if payload_loader is not None:
+                    envelope["payload"] = payload_loader.load(envelope["payload"])
             except (SchemaError, TypeError) as exc:
                 raise UnprocessableEvent(f"malformed event: {exc}") from exc
             event_id = str(envelope["event_id"])
+            if already_applied is not None:
+                with getattr(self, db_attr).read() as session:
+                    if already_applied(self, session, envelope):
+                        metrics.EVENTS_SUPERSEDED.labels(self.name, handler_name).inc()
+                        return None
             with getattr(self, db_attr).transaction() as session:
                 if not _claim(session, handler_name, event_id):
                     metrics.EVENTS_DUPLICATE.labels(self.name, handler_name).inc()

@@ -36,6 +36,9 @@ EVENTS_DEAD_LETTERED = Counter("helpdesk_events_dead_lettered_total",
 EVENTS_DUPLICATE = Counter("helpdesk_events_duplicate_total",
                            "Redelivered events skipped because their event_id was handled",
                            ["service", "method"])
+EVENTS_SUPERSEDED = Counter("helpdesk_events_superseded_total",
+                            "Events acked without effect because the service already holds newer state",
+                            ["service", "method"])
 OUTBOX_PUBLISHED = Counter("helpdesk_outbox_published_total", "Outbox events published", ["service"])
 OUTBOX_PUBLISH_FAILURES = Counter("helpdesk_outbox_publish_failures_total",
                                   "Outbox relay attempts that failed (broker or database down)",

@@ -3,11 +3,12 @@
 Nothing here talks to another service: ``router.py`` orchestrates the calls to tickets around
 these transactions.
 """
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Text, cast, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -144,14 +145,33 @@ def agent_view(agent: Agent, load: int) -> dict:
     }
 
 
-_AGENT_STATE_COLUMNS = select(Agent.id, Agent.tiers, Agent.skills, Agent.presence, Agent.capacity,
-                              Agent.active_load, Agent.last_assigned_at)
+# tiers and skills as their stored JSON text: decoded once per distinct value, not per decision
+_AGENT_STATE_COLUMNS = select(Agent.id, cast(Agent.tiers, Text), cast(Agent.skills, Text), Agent.presence,
+                              Agent.capacity, Agent.active_load, Agent.last_assigned_at)
+_DECODED: dict = {}
+
+
+def _tier_set(raw: str) -> frozenset:
+    decoded = _DECODED.get(("tiers", raw))
+    if decoded is None:
+        if len(_DECODED) > 20_000:
+            _DECODED.clear()
+        decoded = _DECODED[("tiers", raw)] = frozenset(json.loads(raw))
+    return decoded
+
+
+def _skill_set(raw: str) -> frozenset:
+    decoded = _DECODED.get(("skills", raw))
+    if decoded is None:
+        if len(_DECODED) > 20_000:
+            _DECODED.clear()
+        decoded = _DECODED[("skills", raw)] = frozenset(skill["name"] for skill in json.loads(raw))
+    return decoded
 
 
 def agent_states(session: Session) -> list:
     """Every agent as the chooser sees it (plain columns: no ORM objects on the hot path)."""
-    return [domain.AgentState(id_, frozenset(tiers), frozenset(s["name"] for s in skills), presence,
-                              capacity, load, last_assigned_at)
+    return [domain.AgentState(id_, _tier_set(tiers), _skill_set(skills), presence, capacity, load, last_assigned_at)
             for id_, tiers, skills, presence, capacity, load, last_assigned_at
             in session.execute(_AGENT_STATE_COLUMNS)]
 
@@ -355,12 +375,22 @@ def get_routed(session: Session, ticket_id: str, for_update: bool = False) -> Ro
     return session.get(RoutedTicket, ticket_id, with_for_update=for_update or None)
 
 
-def apply_snapshot(session: Session, snapshot: dict) -> tuple[RoutedTicket, domain.MirrorChange | None]:
+def snapshot_is_stale(session: Session, snapshot: dict) -> bool:
+    """True when routing already mirrors this version of the ticket or a newer one (a read:
+    such an event is acked without a write transaction)."""
+    held = session.scalar(select(RoutedTicket.ticket_version).where(RoutedTicket.ticket_id == snapshot["id"]))
+    return held is not None and snapshot["version"] <= held
+
+
+def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = None
+                   ) -> tuple[RoutedTicket, domain.MirrorChange | None]:
     """Mirror a ticket snapshot (an event's or an RPC answer's) if it is newer than what we hold.
+    ``row``: the ticket's row when the caller already holds it locked.
 
     Returns the row and what the change means for routing (None: stale or duplicate snapshot).
     """
-    row = get_routed(session, snapshot["id"], for_update=True)
+    if row is None:
+        row = get_routed(session, snapshot["id"], for_update=True)
     now = now_utc()
     if row is not None and snapshot["version"] <= row.ticket_version:
         return row, None
@@ -374,7 +404,10 @@ def apply_snapshot(session: Session, snapshot: dict) -> tuple[RoutedTicket, doma
     else:
         before_status, before_assignee, prev_state = row.status, row.assignee_id, row.state
     assignee = snapshot.get("assignee_id")
-    online = bool(assignee) and session.scalar(select(Agent.presence).where(Agent.id == assignee)) == "online"
+    # presence matters only for a reopened ticket (after_snapshot): read it only then
+    reopened = (before_status in domain.FINISHED_STATUSES and assignee
+                and domain.counts_against_capacity(snapshot["status"]))
+    online = bool(reopened) and session.scalar(select(Agent.presence).where(Agent.id == assignee)) == "online"
     change = domain.after_snapshot(prev_state, before_status, before_assignee, snapshot["status"], assignee, online)
     row.number, row.subject = snapshot["number"], snapshot["subject"]
     row.priority, row.category, row.channel = snapshot["priority"], snapshot.get("category"), snapshot["channel"]
@@ -416,16 +449,22 @@ def _candidate_view(candidate: domain.Candidate) -> dict:
             "capacity": candidate.capacity, "idle_since": iso_utc(candidate.idle_since), "rank": candidate.rank}
 
 
+def new_decision(ticket_id: str, tier: str, required_skills: list, trigger: str, outcome: str,
+                 choice: domain.Choice | None = None, agent_id: str | None = None, detail: str | None = None,
+                 decision_id: str | None = None) -> Decision:
+    candidates = [_candidate_view(c) for c in choice.candidates] if choice else []
+    if choice and choice.not_in_tier:
+        detail = ((detail + "; ") if detail else "") + f"{choice.not_in_tier} agents outside tier {tier} not listed"
+    return Decision(id=decision_id or new_id(), ticket_id=ticket_id, decided_at=now_utc(), trigger=trigger,
+                    tier=tier, outcome=outcome, agent_id=agent_id, required_skills=list(required_skills),
+                    skills_relaxed=bool(choice and choice.skills_relaxed), candidates=candidates, detail=detail)
+
+
 def record_decision(session: Session, row: RoutedTicket, trigger: str, outcome: str,
                     choice: domain.Choice | None = None, agent_id: str | None = None,
                     detail: str | None = None, tier: str | None = None) -> Decision:
-    candidates = [_candidate_view(c) for c in choice.candidates] if choice else []
-    if choice and choice.not_in_tier:
-        detail = ((detail + "; ") if detail else "") + f"{choice.not_in_tier} agents outside tier {row.tier} not listed"
-    decision = Decision(id=new_id(), ticket_id=row.ticket_id, decided_at=now_utc(), trigger=trigger,
-                        tier=tier or row.tier, outcome=outcome, agent_id=agent_id,
-                        required_skills=list(row.required_skills), skills_relaxed=bool(choice and choice.skills_relaxed),
-                        candidates=candidates, detail=detail)
+    decision = new_decision(row.ticket_id, tier or row.tier, row.required_skills, trigger, outcome, choice,
+                            agent_id, detail)
     session.add(decision)
     return decision
 

@@ -69,6 +69,11 @@ class RoutingSettings:
         )
 
 
+def _rule_input(row) -> dict:
+    return {"subject": row.subject, "description": None, "category": row.category, "channel": row.channel,
+            "organization_id": row.organization_id, "priority": row.priority, "tags": list(row.tags or [])}
+
+
 class _LostRace(Exception):
     """Another router took the agent's last slot or the ticket first; the claim rolls back."""
 
@@ -107,6 +112,16 @@ class Router:
         if change.freed_agent:
             self.drain_for_agent(change.freed_agent, "capacity_freed")
 
+    def triage_in(self, session, row) -> dict | None:
+        """Run the rules inside the transaction that first saw the ticket (the usual path: one
+        transaction less per ticket). None: a rule reads the description, which events do not
+        carry, so ``triage`` must fetch it after the commit."""
+        active_rules = ops.enabled_rules(session)
+        if active_rules and rules.uses_description(active_rules):
+            return None
+        outcome = rules.evaluate(active_rules, _rule_input(row)) if active_rules else None
+        return self._apply_triage(session, row, outcome)
+
     def triage(self, ticket_id: str) -> None:
         """Run the rules on a ticket seen for the first time, then queue and route it."""
         with self.uow.read() as session:
@@ -114,54 +129,64 @@ class Router:
             if row is None or row.state != domain.TRIAGE:
                 return
             active_rules = ops.enabled_rules(session)
-            ticket = {"subject": row.subject, "description": None, "category": row.category,
-                      "channel": row.channel, "organization_id": row.organization_id,
-                      "priority": row.priority, "tags": list(row.tags or [])}
+            ticket = _rule_input(row)
         if active_rules and rules.uses_description(active_rules):
             try:
                 ticket["description"] = self.tickets.get_ticket(ops.SYSTEM_ACTOR, ticket_id).get("description")
             except Exception as exc:  # rules on other fields still run
                 log.warning("could not read the description of %s for the rules: %s", ticket_id, exc)
         outcome = rules.evaluate(active_rules, ticket) if active_rules else None
-        ticket_changes = {}
         with self.uow.transaction() as session:
             ops.lock_ticket(session, ticket_id)
             row = ops.get_routed(session, ticket_id, for_update=True)
             if row is None or row.state != domain.TRIAGE:
                 return
-            detail = None
-            escalated_from = None
-            if outcome is not None and outcome.matched_rule_ids:
-                if outcome.tier and outcome.tier != row.tier:
-                    if contract.TIERS.index(outcome.tier) > contract.TIERS.index(row.tier):
-                        escalated_from = row.tier
-                    row.tier = ticket_changes["group"] = outcome.tier
-                row.required_skills = list(outcome.required_skills)
-                if outcome.category and outcome.category != row.category:
-                    ticket_changes["category"] = row.category = outcome.category
-                if outcome.priority and outcome.priority != row.priority:
-                    ticket_changes["priority"] = row.priority = outcome.priority
-                detail = "rules matched: " + ", ".join(outcome.matched_rule_ids)
-                ops.record_decision(session, row, "created", "triaged", detail=detail)
-                if escalated_from:  # a rule's starting tier above L1 is an escalation by rule
-                    add_event(session, contract.SERVICE, contract.TICKET_ESCALATED, {"ticket_id": ticket_id}, {
-                        "ticket_id": ticket_id, "from_tier": escalated_from, "to_tier": row.tier,
-                        "reason": detail, "actor_id": "rule:" + outcome.matched_rule_ids[-1], "trigger": "rule"})
-            row.state, row.queued_at, row.queue_noted = domain.QUEUED, ops.now_utc(), False
-            row.queue_trigger = "created"
-        if escalated_from:
-            metrics.ESCALATIONS.labels(escalated_from, ticket_changes["group"], "rule").inc()
-        if ticket_changes:
-            try:  # the ticket record shows what the rules decided; its event updates our mirror
+            triaged = self._apply_triage(session, row, outcome)
+        self.after_triage(ticket_id, triaged)
+
+    def _apply_triage(self, session, row, outcome) -> dict:
+        """The rules' outcome on the row (tier, skills, category, priority), queued; returns what
+        the tickets service must be told after the commit."""
+        ticket_changes, escalated_from = {}, None
+        if outcome is not None and outcome.matched_rule_ids:
+            if outcome.tier and outcome.tier != row.tier:
+                if contract.TIERS.index(outcome.tier) > contract.TIERS.index(row.tier):
+                    escalated_from = row.tier
+                row.tier = ticket_changes["group"] = outcome.tier
+            row.required_skills = list(outcome.required_skills)
+            if outcome.category and outcome.category != row.category:
+                ticket_changes["category"] = row.category = outcome.category
+            if outcome.priority and outcome.priority != row.priority:
+                ticket_changes["priority"] = row.priority = outcome.priority
+            detail = "rules matched: " + ", ".join(outcome.matched_rule_ids)
+            ops.record_decision(session, row, "created", "triaged", detail=detail)
+            if escalated_from:  # a rule's starting tier above L1 is an escalation by rule
+                add_event(session, contract.SERVICE, contract.TICKET_ESCALATED, {"ticket_id": row.ticket_id}, {
+                    "ticket_id": row.ticket_id, "from_tier": escalated_from, "to_tier": row.tier,
+                    "reason": detail, "actor_id": "rule:" + outcome.matched_rule_ids[-1], "trigger": "rule"})
+        row.state, row.queued_at, row.queue_noted = domain.QUEUED, ops.now_utc(), False
+        row.queue_trigger = "created"
+        return {"ticket_changes": ticket_changes, "escalated_from": escalated_from, "tier": row.tier}
+
+    def after_triage(self, ticket_id: str, triaged: dict) -> None:
+        ticket_changes = triaged["ticket_changes"]
+        if triaged["escalated_from"]:
+            metrics.ESCALATIONS.labels(triaged["escalated_from"], triaged["tier"], "rule").inc()
+        # the ticket record shows what the rules decided: with the assignment in one call when an
+        # agent is free (one version, one round trip), else on its own
+        delivered = self.route(ticket_id, "created", ticket_changes)
+        if ticket_changes and not delivered:
+            try:
                 self.tickets.update_ticket(ops.SYSTEM_ACTOR, ticket_id, ticket_changes)
             except Exception as exc:
                 log.warning("rules' changes %s not applied to ticket %s: %s", ticket_changes, ticket_id, exc)
-        self.route(ticket_id, "created")
 
     # --- one ticket ----------------------------------------------------------------------------
 
-    def route(self, ticket_id: str, trigger: str) -> Claim | None:
-        """Assign a queued ticket to the best free agent now, or leave it queued (noted once)."""
+    def route(self, ticket_id: str, trigger: str, ticket_changes: dict | None = None) -> bool:
+        """Assign a queued ticket to the best free agent now, or leave it queued (noted once).
+        ``ticket_changes`` (the rules' category, priority, group) travel with the assignment.
+        True when an assignment was delivered to the tickets service."""
         for _ in range(MAX_CLAIM_ATTEMPTS):
             with self.uow.read() as session:
                 row = ops.get_routed(session, ticket_id)
@@ -174,13 +199,12 @@ class Router:
             metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
             if choice.winner is None:
                 self._note_queued(ticket_id, trigger, choice)
-                return None
-            claim = self._claim(ticket_id, choice.winner, choice, trigger)
+                return False
+            claim = self._claim(ticket, choice.winner, choice, trigger)
             if claim is not None:
-                self._deliver(claim)
-                return claim
+                return self._deliver(claim, ticket_changes)
             metrics.CLAIM_CONFLICTS.inc()
-        return None
+        return False
 
     def _note_queued(self, ticket_id: str, trigger: str, choice: domain.Choice) -> None:
         with self.uow.transaction() as session:
@@ -197,7 +221,9 @@ class Router:
             tier = row.tier
         metrics.QUEUED.labels(tier, trigger).inc()
 
-    def _claim(self, ticket_id: str, agent_id: str, choice: domain.Choice, trigger: str) -> Claim | None:
+    def _claim(self, ticket: domain.QueuedTicket, agent_id: str, choice: domain.Choice,
+               trigger: str) -> Claim | None:
+        ticket_id = ticket.ticket_id
         now = ops.now_utc()
         decision_id = ops.new_id()
         try:
@@ -214,22 +240,28 @@ class Router:
                 if not session.execute(
                         update(RoutedTicket).where(RoutedTicket.ticket_id == ticket_id,
                                                    RoutedTicket.state == domain.QUEUED,
+                                                   RoutedTicket.tier == ticket.tier,  # not escalated meanwhile
                                                    RoutedTicket.assignee_id.is_(None),
                                                    RoutedTicket.status.in_(contract.ACTIVE_STATUSES))
                         .values(state=domain.ASSIGNING, assignee_id=agent_id, claim_decision_id=decision_id,
                                 claimed_at=now, updated_at=now)).rowcount:
                     raise _LostRace()  # rolls the slot back too
-                row = session.get(RoutedTicket, ticket_id, populate_existing=True)
-                decision = ops.record_decision(session, row, trigger, "assigning", choice, agent_id)
-                decision.id = decision_id
-                claim = Claim(ticket_id, agent_id, decision_id, row.tier, trigger, row.ticket_created_at)
+                # the row as route() read it: the compare-and-set above proved it is still queued in
+                # that tier (skills change only in triage, before a ticket is queued)
+                session.add(ops.new_decision(ticket_id, ticket.tier, sorted(ticket.required_skills), trigger,
+                                             "assigning", choice, agent_id, decision_id=decision_id))
+                claim = Claim(ticket_id, agent_id, decision_id, ticket.tier, trigger, ticket.created_at)
         except _LostRace:
             return None
         return claim
 
-    def _deliver(self, claim: Claim) -> bool:
+    def _deliver(self, claim: Claim, ticket_changes: dict | None = None) -> bool:
         try:
-            view = self.tickets.assign_ticket(ops.SYSTEM_ACTOR, claim.ticket_id, claim.agent_id, claim.tier)
+            if ticket_changes:
+                view = self.tickets.update_ticket(ops.SYSTEM_ACTOR, claim.ticket_id, {
+                    **ticket_changes, "assignee_id": claim.agent_id, "group": claim.tier})
+            else:
+                view = self.tickets.assign_ticket(ops.SYSTEM_ACTOR, claim.ticket_id, claim.agent_id, claim.tier)
         except HelpdeskError as refusal:  # closed, gone: the slot goes back
             self._release(claim, f"the tickets service refused the assignment: {refusal}")
             return False
@@ -250,7 +282,7 @@ class Router:
             if row.claim_decision_id == claim.decision_id and row.state == domain.ASSIGNING:
                 row.state = domain.IDLE if row.status in domain.FINISHED_STATUSES else domain.ASSIGNED
                 row.queued_at = row.queue_trigger = None
-            ops.apply_snapshot(session, view)
+            ops.apply_snapshot(session, view, row)
             waited = max(0.0, (ops.now_utc() - claim.ticket_created_at).total_seconds())
             add_event(session, contract.SERVICE, contract.TICKET_ROUTED, {"ticket_id": claim.ticket_id}, {
                 "ticket_id": claim.ticket_id, "agent_id": claim.agent_id, "tier": claim.tier,
@@ -307,7 +339,7 @@ class Router:
                                              self.settings.relax_skills_after_seconds)
                 if choice.winner != planned.agent_id:  # cannot happen unless the plan and chooser disagree
                     log.error("drain plan chose %s, chooser %s", planned.agent_id, choice.winner)
-                claim = self._claim(planned.ticket.ticket_id, planned.agent_id, choice, trigger)
+                claim = self._claim(planned.ticket, planned.agent_id, choice, trigger)
                 if claim is None:
                     metrics.CLAIM_CONFLICTS.inc()
                     lost_a_race = True
