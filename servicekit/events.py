@@ -171,10 +171,11 @@ def _retryable(exc: BaseException) -> bool:
 
 def handles_event_once(source_service: str, event_type: str, payload_schema=None, db_attr: str = "db",
                        already_applied=None):
-    """``already_applied(self, session, envelope) -> bool``: an optional read-only check that the
-    event can have no effect any more (e.g. its snapshot is older than what the service holds);
-    such an event is acked without a write transaction. Only for handlers whose effect is a pure
-    function of state, where applying a stale event twice would change nothing either."""
+    """``already_applied(self, session, body) -> bool``: an optional read-only check, on the raw
+    message body, that the event can have no effect any more (e.g. its snapshot is older than
+    what the service holds); such an event is acked without validation or a write transaction.
+    Only for handlers whose effect is a pure function of state, where applying a stale event
+    again would change nothing either. An exception in the check counts as "not applied"."""
 
     def decorator(method):
         handler_name = method.__name__
@@ -184,6 +185,12 @@ def handles_event_once(source_service: str, event_type: str, payload_schema=None
 
         @functools.wraps(method)
         def wrapper(self, body):
+            # before validation, which costs more than the check: most superseded events are
+            # routine (a service's own changes coming back), and one that cannot be read this
+            # way goes through the full validation below
+            if already_applied is not None and _already_applied(already_applied, self, db_attr, body):
+                metrics.EVENTS_SUPERSEDED.labels(self.name, handler_name).inc()
+                return None
             try:
                 envelope = _envelope_schema.load(body)
                 if payload_loader is not None:
@@ -191,11 +198,6 @@ def handles_event_once(source_service: str, event_type: str, payload_schema=None
             except (SchemaError, TypeError) as exc:
                 raise UnprocessableEvent(f"malformed event: {exc}") from exc
             event_id = str(envelope["event_id"])
-            if already_applied is not None:
-                with getattr(self, db_attr).read() as session:
-                    if already_applied(self, session, envelope):
-                        metrics.EVENTS_SUPERSEDED.labels(self.name, handler_name).inc()
-                        return None
             with getattr(self, db_attr).transaction() as session:
                 if not _claim(session, handler_name, event_id):
                     metrics.EVENTS_DUPLICATE.labels(self.name, handler_name).inc()
@@ -209,6 +211,14 @@ def handles_event_once(source_service: str, event_type: str, payload_schema=None
         return ReliableEventHandler.decorator(source_service, event_type)(wrapper)
 
     return decorator
+
+
+def _already_applied(check, service, db_attr: str, body) -> bool:
+    try:
+        with getattr(service, db_attr).read() as session:
+            return bool(check(service, session, body))
+    except Exception:  # a body the check cannot read: the full validation decides
+        return False
 
 
 def _claim(session, handler_name: str, event_id: str) -> bool:

@@ -65,11 +65,14 @@ def _version(value) -> int | None:
     return value
 
 
-def _snapshot_held(service, session, envelope) -> bool:
+def _snapshot_held(service, session, body) -> bool:
     """A ticket event whose snapshot routing already holds (or a newer one) changes nothing:
     routing's own assignment confirmations apply the tickets service's answer before its events
     arrive, so most of them are skipped with one read instead of a write transaction."""
-    return ops.snapshot_is_stale(session, envelope["payload"]["ticket"])
+    snapshot = body["payload"]["ticket"]
+    if not isinstance(snapshot["id"], str) or type(snapshot["version"]) is not int:
+        return False
+    return ops.snapshot_is_stale(session, snapshot)
 
 
 class TicketsPort:

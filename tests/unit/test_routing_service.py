@@ -234,3 +234,22 @@ def _decisions(uow, ticket_id):
     with uow.read() as session:
         return [SimpleNamespace(outcome=d.outcome, trigger=d.trigger)
                 for d in session.scalars(select(Decision).where(Decision.ticket_id == ticket_id))]
+
+
+def test_a_superseded_ticket_event_is_acked_without_a_write(service, uow):
+    from servicekit.tables import HANDLED_EVENTS
+
+    ticket_id = str(uuid.uuid4())
+    service.on_ticket_created(created_event(ticket_id, version=2))
+    marks = count(uow, HANDLED_EVENTS)
+    older = make_envelope("tickets", "ticket_updated", {"ticket_id": ticket_id}, {
+        "ticket": snapshot(ticket_id, version=1, priority="high"), "actor_id": "sup-1",
+        "changes": {"priority": ["normal", "high"]}})
+    service.on_ticket_updated(older)
+    assert count(uow, HANDLED_EVENTS) == marks  # no transaction, no mark
+    with uow.read() as session:
+        assert session.get(RoutedTicket, ticket_id).priority == "normal"
+    # a body the check cannot read still meets the full validation
+    broken = {**older, "payload": {"ticket": {"id": ticket_id, "version": "1"}}}
+    with pytest.raises(UnprocessableEvent):
+        service.on_ticket_updated(broken)
