@@ -16,14 +16,14 @@ export AMQP_URI
 PYTHON311 := $(shell command -v python3.11 2>/dev/null || \
                (python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null && command -v python3))
 
-.PHONY: help venv broker migrate run token test test-quick bench clean distclean
+.PHONY: help venv broker migrate run token test test-quick bench bench-routing clean distclean
 
 help:
 	@echo "make run                     venv + RabbitMQ + migrations, then every service (Ctrl-C stops all)"
 	@echo "make test                    the whole suite (starts RabbitMQ if needed); PYTEST_ARGS=... passes through"
 	@echo "make test-quick              unit tests only: -m 'not integration and not e2e'"
 	@echo "make token ROLE=agent SUB=alice [ORG=acme] [ORG_WIDE=1]   print a bearer token"
-	@echo "make venv | broker | migrate | bench | clean | distclean"
+	@echo "make venv | broker | migrate | bench | bench-routing | clean | distclean"
 
 # --- virtualenv --------------------------------------------------------------------------------
 # All output goes to stderr so that `TOKEN=$$(make token ...)` captures only the token.
@@ -88,6 +88,11 @@ test-quick: $(STAMP)
 bench: $(STAMP) broker
 	@mkdir -p var
 	$(VPY) benchmarks/run.py
+
+bench-routing: $(STAMP) broker
+	@mkdir -p var
+	$(VPY) benchmarks/routing_chooser.py
+	$(VPY) benchmarks/routing_e2e.py
 
 # --- cleanup -----------------------------------------------------------------------------------
 clean:
