@@ -23,6 +23,27 @@ def upgrade(service: str, url: str | None = None, revision: str = "head") -> Non
     command.upgrade(alembic_config(service, url), revision)
 
 
+def run_alembic_env(context, target_metadata) -> None:
+    """The body of every service's ``migrations/env.py``: batch mode (SQLite cannot ALTER most
+    things in place), ``postgresql://`` URLs through psycopg2, offline and online modes."""
+    from sqlalchemy import create_engine, pool
+
+    url = context.config.get_main_option("sqlalchemy.url")
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
+    if context.is_offline_mode():
+        context.configure(url=url, target_metadata=target_metadata, literal_binds=True, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    engine = create_engine(url, poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("services", nargs="*", default=list(MIGRATING_SERVICES))

@@ -36,3 +36,20 @@ HANDLED_EVENTS = Table(
 def add_infrastructure_tables(metadata: MetaData) -> None:
     for table in (OUTBOX, HANDLED_EVENTS):
         table.to_metadata(metadata)
+
+
+# constraint and index names every service's migrations share, so Alembic can name what it alters
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def service_metadata() -> MetaData:
+    """A service's MetaData: the shared naming convention and the outbox / handled-events tables."""
+    metadata = MetaData(naming_convention=NAMING)
+    add_infrastructure_tables(metadata)
+    return metadata

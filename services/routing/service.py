@@ -1,5 +1,4 @@
 """nameko entrypoints of the routing service: validate input, call operations or the router."""
-import json
 import logging
 
 import eventlet
@@ -8,8 +7,6 @@ from nameko.constants import NON_PERSISTENT
 from nameko.extensions import DependencyProvider
 from nameko.rpc import RpcProxy
 from nameko.timer import timer
-from nameko.web.handlers import http
-from sqlalchemy import text
 
 from contracts import routing as contract
 from contracts import tickets as tickets_contract
@@ -19,7 +16,8 @@ from servicekit.context import RequestContext
 from servicekit.db import Database
 from servicekit.entrypoints import rpc
 from servicekit.events import AfterCommit, handles_event_once
-from servicekit.metrics import EntrypointMetrics, metrics_response
+from servicekit.metrics import EntrypointMetrics
+from servicekit.probes import ServiceProbes
 from services.routing import domain, operations as ops
 from services.routing.router import Router, RoutingSettings
 
@@ -112,7 +110,7 @@ class RoutingPolicy(DependencyProvider):
         return self
 
 
-class RoutingService:
+class RoutingService(ServiceProbes):
     name = contract.SERVICE
 
     db = Database()
@@ -284,28 +282,4 @@ class RoutingService:
     def sweep(self):
         self.router.sweep()
 
-    # --- probes ---------------------------------------------------------------------------------
-
-    @rpc
-    def health_ping(self):
-        return "pong"
-
-    @http("GET", "/metrics")
-    def metrics_endpoint(self, request):
-        return metrics_response()
-
-    @http("GET", "/livez")
-    def livez(self, request):
-        return 200, json.dumps({"status": "alive"})
-
-    @http("GET", "/readyz")
-    def readyz(self, request):
-        try:
-            with eventlet.Timeout(2):
-                self.self_rpc.health_ping()
-            with self.db.read() as session:
-                session.execute(text("SELECT 1"))
-        except (eventlet.Timeout, Exception) as exc:  # Timeout is a BaseException
-            return 503, json.dumps({"status": "unavailable", "reason": type(exc).__name__})
-        return 200, json.dumps({"status": "ready"})
 

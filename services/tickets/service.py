@@ -1,12 +1,8 @@
 """nameko entrypoints of the tickets service. Each validates its input and calls operations."""
-import json
 
-import eventlet
-from sqlalchemy import text
 from marshmallow import ValidationError as SchemaError
 from nameko.constants import NON_PERSISTENT
 from nameko.rpc import RpcProxy
-from nameko.web.handlers import http
 
 from contracts import tickets as contract
 from contracts.errors import ValidationError
@@ -14,7 +10,8 @@ from servicekit.context import RequestContext
 from servicekit.entrypoints import rpc
 from servicekit.db import Database
 from servicekit.events import handles_event_once
-from servicekit.metrics import EntrypointMetrics, metrics_response
+from servicekit.metrics import EntrypointMetrics
+from servicekit.probes import ServiceProbes
 from services.tickets import operations, schemas
 from services.tickets.access import Actor
 
@@ -53,7 +50,7 @@ def _check_idempotency_key(key) -> None:
                               {"idempotency_key": ["1-200 characters"]})
 
 
-class TicketsService:
+class TicketsService(ServiceProbes):
     name = contract.SERVICE
 
     db = Database()
@@ -127,25 +124,3 @@ class TicketsService:
         payload = envelope["payload"]
         operations.apply_sla_due_dates(session, payload["ticket_id"], payload)
 
-    @rpc
-    def health_ping(self):
-        return "pong"
-
-    @http("GET", "/metrics")
-    def metrics_endpoint(self, request):
-        return metrics_response()
-
-    @http("GET", "/livez")
-    def livez(self, request):
-        return 200, json.dumps({"status": "alive"})
-
-    @http("GET", "/readyz")
-    def readyz(self, request):
-        try:
-            with eventlet.Timeout(2):
-                self.self_rpc.health_ping()
-            with self.db.read() as session:
-                session.execute(text("SELECT 1"))
-        except (eventlet.Timeout, Exception) as exc:  # Timeout is a BaseException
-            return 503, json.dumps({"status": "unavailable", "reason": type(exc).__name__})
-        return 200, json.dumps({"status": "ready"})
