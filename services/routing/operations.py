@@ -5,7 +5,6 @@ these transactions.
 """
 import json
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import Text, cast, func, select, update
@@ -15,23 +14,10 @@ from sqlalchemy.orm import Session
 from contracts import routing as contract
 from contracts.errors import Conflict, Forbidden, NotFound, PreconditionFailed, ValidationError
 from contracts.events import iso_utc
+from servicekit.actor import Actor  # noqa: F401  (operations.Actor for callers)
 from servicekit.outbox import add_event
 from services.routing import domain
 from services.routing.models import Agent, Decision, RoutedTicket, Rule, Skill
-
-@dataclass(frozen=True)
-class Actor:
-    """The caller, as the gateway verified it (contracts.tickets.ActorSchema)."""
-
-    id: str
-    role: str
-    organization_id: str | None = None
-    org_wide: bool = False
-
-    def as_dict(self) -> dict:
-        return {"id": self.id, "role": self.role, "organization_id": self.organization_id,
-                "org_wide": self.org_wide}
-
 
 # routing acts on tickets under this identity (assign, unassign, escalation notes)
 SYSTEM_ACTOR = {"id": "system:routing", "role": "supervisor", "organization_id": None, "org_wide": False}

@@ -44,8 +44,7 @@ def _load(schema, data) -> dict:
 
 
 def _actor(data) -> ops.Actor:
-    loaded = _load(_actor_schema, data)
-    return ops.Actor(loaded["id"], loaded["role"], loaded.get("organization_id"), loaded["org_wide"])
+    return ops.Actor.from_dict(_load(_actor_schema, data))
 
 
 def _id(value, name: str) -> str:

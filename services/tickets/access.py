@@ -7,32 +7,14 @@
 
 What an actor may not see is reported as NotFound, so ids of others' tickets leak nothing.
 """
-from dataclasses import dataclass
-
 from sqlalchemy import or_
 
 from contracts.errors import Forbidden, NotFound
-from contracts.tickets import STAFF_ROLES
+from servicekit.actor import Actor  # noqa: F401  (services.tickets.access.Actor for callers)
 
 REQUESTER_EDITABLE = frozenset({"subject", "description"})
 STAFF_EDITABLE = frozenset({"subject", "description", "priority", "category", "tags", "status",
                             "assignee_id", "group"})
-
-
-@dataclass(frozen=True)
-class Actor:
-    id: str
-    role: str
-    organization_id: str | None = None
-    org_wide: bool = False
-
-    @property
-    def is_staff(self) -> bool:
-        return self.role in STAFF_ROLES
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Actor":
-        return cls(data["id"], data["role"], data.get("organization_id"), bool(data.get("org_wide")))
 
 
 def can_read(actor: Actor, requester_id: str, organization_id: str | None) -> bool:
