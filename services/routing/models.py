@@ -37,9 +37,7 @@ class Agent(Base):
     presence_changed_at: Mapped[datetime] = mapped_column(UtcDateTime)
     last_assigned_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     version: Mapped[int] = mapped_column(Integer)
-    # bumped by every claim on this agent: the UPDATE takes the row lock (PostgreSQL) or the
-    # write lock (SQLite) before the agent's load is counted, so two routers never both fill
-    # the last slot
+    # claims made on this agent, ever (diagnostics; the slot itself is taken on active_load)
     claim_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     # the agent's active tickets (status new/open) as routing mirrors them, kept exact by
     # operations.set_assignment in the same transaction as every change of a ticket's assignee

@@ -2,12 +2,14 @@
 
 Correctness under concurrency rests on the database, not on this process:
 
-* a **claim** is one transaction that first bumps the agent's ``claim_seq`` (row lock on
-  PostgreSQL, write lock on SQLite), then counts the agent's active tickets, then moves the
-  ticket ``queued -> assigning`` with a compare-and-set. Any number of routers may race: the
-  agent row serialises claims on one agent, so no agent passes capacity; the ticket CAS lets
-  exactly one claim win, so no ticket is assigned twice. Locks are always taken agent first,
-  then ticket: no deadlock cycle.
+* a **claim** is one transaction: ``UPDATE agents SET active_load = active_load + 1 WHERE
+  ... active_load < capacity`` takes a slot atomically (and the agent's row lock on
+  PostgreSQL, the write lock on SQLite), then the ticket moves ``queued -> assigning`` by
+  compare-and-set; if the ticket was taken the transaction rolls the slot back. Any number of
+  routers may race: no agent passes capacity, exactly one claim wins a ticket. Locks are
+  always taken agent first, then ticket: no deadlock cycle. ``active_load`` is kept equal to
+  the mirrored tickets by ``operations.set_assignment``, the one place an assignee or status
+  changes.
 * the claim is then **delivered** through the tickets service's assign RPC (outside any
   transaction) and **confirmed** (``assigning -> assigned``, ``ticket_routed`` event, once, by
   a CAS on the decision row). A refused delivery releases the slot; a delivery that did not
