@@ -113,6 +113,25 @@ def set_assignment(session: Session, row: RoutedTicket, assignee_id: str | None,
     row.assignee_id, row.status = assignee_id, status
 
 
+def reconcile_loads(session: Session) -> dict:
+    """Set any agent's ``active_load`` that differs from a recount of the mirror (an agent
+    registered while a ticket was being assigned to that id can miss it); returns
+    {agent_id: (was, now)}. Each drifted agent's row is locked (the write lock on SQLite)
+    before its recount, so a change in flight is counted once: before, or after."""
+    counts = recount_loads(session)
+    drifted = [agent_id for agent_id, load in session.execute(select(Agent.id, Agent.active_load))
+               if load != counts.get(agent_id, 0)]
+    fixed = {}
+    for agent_id in drifted:
+        was = session.execute(update(Agent).where(Agent.id == agent_id).values(claim_seq=Agent.claim_seq)
+                              .returning(Agent.active_load)).scalar_one_or_none()
+        now = recount_loads_of(session, agent_id)
+        if was is not None and was != now:
+            session.execute(update(Agent).where(Agent.id == agent_id).values(active_load=now))
+            fixed[agent_id] = (was, now)
+    return fixed
+
+
 def lock_ticket(session: Session, ticket_id: str) -> None:
     """Take the ticket row's lock (PostgreSQL) or the write lock (SQLite) before reading it, so
     what the transaction then reads cannot change under it (pysqlite reads before the first
@@ -390,6 +409,13 @@ def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = 
     else:
         before_status, before_assignee, prev_state = row.status, row.assignee_id, row.state
     assignee = snapshot.get("assignee_id")
+    if prev_state == domain.ASSIGNING and assignee and assignee != row.assignee_id:
+        # someone else assigned the ticket while our claim was in flight: theirs stands, our
+        # claim is released (its confirmation and any re-delivery stop at the decision row)
+        session.execute(update(Decision).where(Decision.id == row.claim_decision_id,
+                                               Decision.outcome == "assigning")
+                        .values(outcome="released", detail=f"assigned to {assignee} meanwhile"))
+        prev_state = domain.ASSIGNED
     # presence matters only for a reopened ticket (after_snapshot): read it only then
     reopened = (before_status in domain.FINISHED_STATUSES and assignee
                 and domain.counts_against_capacity(snapshot["status"]))
@@ -417,7 +443,8 @@ def queued_ticket(row: RoutedTicket) -> domain.QueuedTicket:
 
 
 def queued_tickets(session: Session, tiers=None) -> list:
-    query = select(RoutedTicket).where(RoutedTicket.state == domain.QUEUED)
+    query = select(RoutedTicket).where(RoutedTicket.state == domain.QUEUED,
+                                       RoutedTicket.status.in_(contract.ACTIVE_STATUSES))
     if tiers is not None:
         query = query.where(RoutedTicket.tier.in_(list(tiers)))
     return [queued_ticket(row) for row in session.scalars(query)]

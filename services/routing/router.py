@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from contracts import routing as contract
 from contracts.errors import Conflict, HelpdeskError, ValidationError
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 MAX_CLAIM_ATTEMPTS = 5
 MAX_DRAIN_ROUNDS = 20
+# how often the sweeper checks every agent's active_load against a recount of the mirror
+RECONCILE_EVERY_SECONDS = 30.0
+_last_reconcile = float("-inf")
 
 
 def _optional_seconds(value) -> float | None:
@@ -255,6 +259,9 @@ class Router:
                 claim = Claim(ticket_id, agent_id, decision_id, ticket.tier, trigger, ticket.created_at)
         except _LostRace:
             return None
+        except OperationalError as exc:  # a deadlock or lock timeout: the transaction rolled back
+            log.info("claim of %s for %s lost to database contention: %s", ticket_id, agent_id, exc)
+            return None
         return claim
 
     def _deliver(self, claim: Claim, ticket_changes: dict | None = None) -> bool:
@@ -318,6 +325,7 @@ class Router:
         """Assign queued tickets of ``tiers`` to free agents, in queue order, until one of the
         two runs out. Returns how many were assigned."""
         assigned = 0
+        lost = set()  # tickets another router (or a change) took from under this drain
         for _ in range(MAX_DRAIN_ROUNDS):
             with self.uow.read() as session:
                 agents = ops.agent_states(session)
@@ -325,7 +333,7 @@ class Router:
                 if not any(a.presence == "online" and a.load < a.capacity and a.tiers & set(tiers)
                            for a in agents):
                     return assigned
-                queue = ops.queued_tickets(session, tiers)
+                queue = [t for t in ops.queued_tickets(session, tiers) if t.ticket_id not in lost]
                 if not queue:
                     return assigned
             now = ops.now_utc()
@@ -344,6 +352,7 @@ class Router:
                 claim = self._claim(planned.ticket, planned.agent_id, choice, trigger)
                 if claim is None:
                     metrics.CLAIM_CONFLICTS.inc()
+                    lost.add(planned.ticket.ticket_id)
                     lost_a_race = True
                     break
                 agent = by_id[planned.agent_id]
@@ -445,7 +454,9 @@ class Router:
                                     .values(outcome="released", detail="escalated meanwhile"))
                 now = ops.now_utc()
                 ops.set_assignment(session, row, None, row.status)
-                row.state, row.queued_at, row.queue_trigger, row.queue_noted = domain.QUEUED, now, "escalated", False
+                # a pending or on-hold ticket waits in the new tier for its requester, not in its queue
+                row.state = domain.QUEUED if domain.counts_against_capacity(row.status) else domain.IDLE
+                row.queued_at, row.queue_trigger, row.queue_noted = now, "escalated", False
                 row.claim_decision_id = row.claimed_at = None
             row.tier = target
             decision = ops.record_decision(session, row, "escalated", "escalated", detail=detail, tier=target)
@@ -483,6 +494,15 @@ class Router:
                 RoutedTicket.state == domain.TRIAGE, RoutedTicket.queued_at < stale_before)))
             unnoted = list(session.execute(select(RoutedTicket.ticket_id, RoutedTicket.queue_trigger).where(
                 RoutedTicket.state == domain.QUEUED, RoutedTicket.queue_noted.is_(False))).all())
+            # held by an agent who went offline, where the requeue did not reach tickets
+            orphaned = [] if self.settings.offline_policy != "requeue" else list(session.scalars(
+                select(RoutedTicket.ticket_id).join(Agent, Agent.id == RoutedTicket.assignee_id).where(
+                    RoutedTicket.state == domain.ASSIGNED, Agent.presence == "offline",
+                    RoutedTicket.status.in_(contract.ACTIVE_STATUSES),
+                    RoutedTicket.updated_at < stale_before)))
+        for ticket_id in orphaned:
+            self.unassign_and_route(ticket_id, "requeued")
+        self._reconcile_loads_now_and_then()
         for ticket_id, agent_id, decision_id, tier, created_at, trigger in stale_claims:
             self._deliver(Claim(ticket_id, agent_id, decision_id, tier, trigger, created_at))
         for ticket_id in stale_triage:
@@ -491,7 +511,19 @@ class Router:
             self.route(ticket_id, trigger or "sweep")
         assigned = self.drain(contract.TIERS, "sweep")
         self.refresh_metrics()
-        return {"redelivered": len(stale_claims), "triaged": len(stale_triage), "assigned": assigned}
+        return {"redelivered": len(stale_claims), "triaged": len(stale_triage), "requeued": len(orphaned),
+                "assigned": assigned}
+
+    def _reconcile_loads_now_and_then(self) -> None:
+        global _last_reconcile
+        if time.monotonic() - _last_reconcile < RECONCILE_EVERY_SECONDS:
+            return
+        _last_reconcile = time.monotonic()
+        with self.uow.transaction() as session:
+            fixed = ops.reconcile_loads(session)
+        for agent_id, (was, now) in fixed.items():
+            metrics.LOADS_RECONCILED.inc()
+            log.warning("active_load of agent %s was %s, the mirror counts %s: corrected", agent_id, was, now)
 
     def refresh_metrics(self) -> None:
         with self.uow.read() as session:

@@ -531,3 +531,74 @@ def test_a_ticket_reopened_while_its_assignee_is_offline_goes_to_someone_online(
     routing.pump()
     assert tickets.tickets[ticket["id"]]["assignee_id"] == "bob"
     assert routing.load("ann") == 0 and routing.load("bob") == 1
+
+
+# --- regressions found in review -------------------------------------------------------------
+
+def test_an_escalated_pending_ticket_does_not_block_its_new_tiers_queue(routing, tickets):
+    routing.agent("ann", tiers=("L1",), capacity=1)
+    routing.agent("bob", tiers=("L2",), capacity=1, presence="away")
+    waiting = tickets.create(priority="high")
+    routing.pump()
+    tickets.set_status(waiting["id"], "pending")
+    routing.pump()
+    routing.router.escalate(ANN_ACTOR, waiting["id"], "needs L2")
+    routing.pump()
+    assert routing.row(waiting["id"])["state"] == "idle"  # waits for its requester, in L2
+    queued = tickets.create(group="L2", priority="low")
+    routing.pump()
+    routing.presence("bob", "online")
+    routing.pump()
+    routing.router.sweep()
+    routing.pump()
+    assert routing.row(queued["id"])["assignee_id"] == "bob"
+
+
+def test_a_manual_reassignment_during_a_claim_wins_and_moves_the_count(routing, tickets):
+    routing.agent("ann", capacity=3)
+    routing.agent("xav", capacity=3, presence="away")
+    deliver = tickets.assign_ticket
+
+    def assign_then_reassign_by_hand(actor, ticket_id, assignee_id, group):
+        view = deliver(actor, ticket_id, assignee_id, group)
+        if assignee_id == "ann":  # a supervisor's reassignment is consumed before the confirmation
+            tickets._change(ticket_id, assignee_id="xav")
+            routing.pump()
+        return view
+
+    tickets.assign_ticket = assign_then_reassign_by_hand
+    ticket = tickets.create()
+    routing.pump()
+    assert routing.row(ticket["id"])["assignee_id"] == tickets.tickets[ticket["id"]]["assignee_id"] == "xav"
+    assert (routing.load("ann"), routing.load("xav")) == (0, 1)
+
+
+def test_the_sweeper_does_not_redeliver_a_claim_someone_else_overtook(routing_uow, tickets):
+    port = SilentProxy(tickets)
+    routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=0.0), port=TicketsPort(port, 0.2))
+    routing.agent("ann", capacity=3)
+    routing.agent("xav", capacity=3, presence="away")
+    port.lose_replies("assign_ticket")
+    ticket = tickets.create()
+    routing.pump()
+    tickets._change(ticket["id"], assignee_id="xav")  # a supervisor assigns by hand
+    routing.pump()
+    routing.router.sweep()
+    routing.pump()
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "xav"
+    assert (routing.load("ann"), routing.load("xav")) == (0, 1)
+
+
+def test_the_sweeper_corrects_a_drifted_agent_load(routing, tickets, routing_uow):
+    import services.routing.router as router_module
+    from sqlalchemy import update
+    from services.routing.models import Agent
+
+    routing.agent("ann", capacity=3)
+    ticket = tickets.create()
+    routing.pump()
+    with routing_uow.transaction() as session:
+        session.execute(update(Agent).where(Agent.id == "ann").values(active_load=0))  # drift
+    router_module._last_reconcile = float("-inf")
+    routing.router.sweep()
+    assert routing.load("ann") == 1 and routing.row(ticket["id"])["assignee_id"] == "ann"
