@@ -6,8 +6,10 @@ Correctness under concurrency rests on the database, not on this process:
   ... active_load < capacity`` takes a slot atomically (and the agent's row lock on
   PostgreSQL, the write lock on SQLite), then the ticket moves ``queued -> assigning`` by
   compare-and-set; if the ticket was taken the transaction rolls the slot back. Any number of
-  routers may race: no agent passes capacity, exactly one claim wins a ticket. Locks are
-  always taken agent first, then ticket: no deadlock cycle. ``active_load`` is kept equal to
+  routers may race: no agent passes capacity, exactly one claim wins a ticket. Claims lock
+  agent then ticket; mirroring a ticket event locks ticket then agent, so PostgreSQL may pick a
+  deadlock victim: a claim takes that as a lost race, an event handler is retried (its
+  transaction, handled mark included, rolled back). ``active_load`` is kept equal to
   the mirrored tickets by ``operations.set_assignment``, the one place an assignee or status
   changes.
 * the claim is then **delivered** through the tickets service's assign RPC (outside any
