@@ -282,3 +282,31 @@ def test_a_rule_can_start_a_ticket_in_a_higher_tier_as_an_escalation_by_rule(tic
     payload = amqp.wait_message(escalations, timeout=5).payload["payload"]
     assert payload["trigger"] == "rule" and payload["actor_id"] == f"rule:{rule['id']}"
     assert (payload["from_tier"], payload["to_tier"]) == ("L1", "L2")
+
+
+def test_routing_metrics_show_assignments_queues_and_load_per_tier_without_ids(tickets, routing, rpc):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def assigned_count():
+        return routing.metric("helpdesk_routing_assignments_total", tier="L1", reason="created")
+
+    before = assigned_count()
+    before_timed = routing.metric("helpdesk_routing_time_to_assignment_seconds_count", tier="L1")
+    online_agent(rpc, "ann", capacity=1)
+    first = create_ticket(rpc)
+    wait_for(lambda: assignee_of(rpc, first["id"]) == "ann", timeout=10)
+    waiting = create_ticket(rpc, subject="second")
+    wait_for(lambda: routing_state(rpc, waiting["id"]) == "queued", timeout=10)
+    assert assigned_count() == before + 1
+    assert routing.metric("helpdesk_routing_time_to_assignment_seconds_count", tier="L1") == before_timed + 1
+    # the per-tier gauges come from the sweeper's snapshot (every 2 s here)
+    wait_for(lambda: routing.metric("helpdesk_routing_queue_depth", tier="L1") == 1, timeout=10)
+    assert routing.metric("helpdesk_routing_agents_online", tier="L1") == 1
+    assert routing.metric("helpdesk_routing_active_tickets", tier="L1") == 1
+    assert routing.metric("helpdesk_routing_capacity_online", tier="L1") == 1
+    assert routing.metric("helpdesk_routing_queue_oldest_age_seconds", tier="L1") >= 0
+    allowed = {"tier", "reason", "from_tier", "to_tier", "trigger", "le"}
+    for family in text_string_to_metric_families(routing.get("/metrics").text):
+        if family.name.startswith("helpdesk_routing"):
+            for sample in family.samples:
+                assert set(sample.labels) <= allowed, sample  # aggregates only: no agent or ticket ids
