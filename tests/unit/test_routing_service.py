@@ -253,3 +253,19 @@ def test_a_superseded_ticket_event_is_acked_without_a_write(service, uow):
     broken = {**older, "payload": {"ticket": {"id": ticket_id, "version": "1"}}}
     with pytest.raises(UnprocessableEvent):
         service.on_ticket_updated(broken)
+
+
+def test_sla_due_times_order_the_queue_from_the_earliest_target(service, uow):
+    ticket_id = str(uuid.uuid4())
+    service.on_ticket_created(created_event(ticket_id))
+    due = make_envelope("sla", "ticket_sla_updated", {"ticket_id": ticket_id}, {
+        "ticket_id": ticket_id, "first_response_due_at": "2026-11-26T10:00:00Z",
+        "resolution_due_at": "2026-11-26T08:30:00+00:00"})
+    service.on_ticket_sla_updated(due)
+    with uow.read() as session:
+        assert session.get(RoutedTicket, ticket_id).sla_due_at.isoformat() == "2026-11-26T08:30:00+00:00"
+    cleared = make_envelope("sla", "ticket_sla_updated", {"ticket_id": ticket_id}, {
+        "ticket_id": ticket_id, "first_response_due_at": None, "resolution_due_at": None})
+    service.on_ticket_sla_updated(cleared)
+    with uow.read() as session:
+        assert session.get(RoutedTicket, ticket_id).sla_due_at is None
