@@ -227,6 +227,13 @@ class RuleRequest(_Strict):
     # later matching rules still run (their actions override earlier ones) unless a match stops
     stop = fields.Boolean(load_default=False)
 
+    @post_load
+    def _clean(self, data, **_):
+        data["name"] = data["name"].strip()
+        if not data["name"]:
+            raise SchemaError("must not be blank", "name")
+        return data
+
 
 # --- escalation -------------------------------------------------------------------------------
 

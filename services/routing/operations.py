@@ -301,7 +301,7 @@ def _rule_fields(session: Session, data: dict) -> dict:
     if position is None:
         last = session.scalar(select(func.max(Rule.position)))
         position = 0 if last is None else last + 10
-    return {"name": data["name"].strip() or data["name"], "position": position, "enabled": data["enabled"],
+    return {"name": data["name"], "position": position, "enabled": data["enabled"],
             "match": data["match"], "conditions": data["conditions"], "actions": data["actions"],
             "stop": data["stop"]}
 
@@ -347,8 +347,9 @@ def update_rule(session: Session, actor, rule_id: str, data: dict, expected_vers
     _require(actor, contract.MANAGE_RULE_ROLES, "manage routing rules")
     rule = _get_rule(session, rule_id, for_update=True)
     _check_version(rule.version, expected_version, "rule")
-    for key, value in _rule_fields(session, {**data, "position": data.get("position", rule.position)
-                                             if data.get("position") is not None else rule.position}).items():
+    if data.get("position") is None:  # a replacement without a position keeps the rule's place
+        data = {**data, "position": rule.position}
+    for key, value in _rule_fields(session, data).items():
         setattr(rule, key, value)
     rule.version += 1
     rule.updated_at = now_utc()
