@@ -31,7 +31,7 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def _require(actor, roles, doing: str) -> None:
+def require_role(actor, roles, doing: str) -> None:
     if actor.role not in roles:
         raise Forbidden(f"{actor.role}s may not {doing}")
 
@@ -60,7 +60,7 @@ def skill_view(skill: Skill) -> dict:
 
 
 def create_skill(session: Session, actor, data: dict) -> dict:
-    _require(actor, contract.MANAGE_AGENT_ROLES, "define skills")
+    require_role(actor, contract.MANAGE_AGENT_ROLES, "define skills")
     if session.get(Skill, data["name"]) is not None:
         raise Conflict(f"skill {data['name']!r} already exists", {"name": ["already exists"]})
     skill = Skill(name=data["name"], description=data.get("description"), created_at=now_utc())
@@ -74,7 +74,7 @@ def create_skill(session: Session, actor, data: dict) -> dict:
 
 
 def list_skills(session: Session, actor) -> dict:
-    _require(actor, contract.READ_ROLES, "read skills")
+    require_role(actor, contract.READ_ROLES, "read skills")
     return {"items": [skill_view(s) for s in session.scalars(select(Skill).order_by(Skill.name))]}
 
 
@@ -189,7 +189,7 @@ def _get_agent(session: Session, agent_id: str, for_update: bool = False) -> Age
 
 
 def create_agent(session: Session, actor, data: dict) -> dict:
-    _require(actor, contract.MANAGE_AGENT_ROLES, "manage agents")
+    require_role(actor, contract.MANAGE_AGENT_ROLES, "manage agents")
     _unknown_skills(session, [s["name"] for s in data["skills"]], "skills")
     if session.get(Agent, data["id"]) is not None:
         raise Conflict(f"agent {data['id']!r} already exists", {"id": ["already exists"]})
@@ -225,7 +225,7 @@ def get_agent(session: Session, actor, agent_id: str) -> dict:
 
 
 def list_agents(session: Session, actor, filters: dict) -> dict:
-    _require(actor, contract.READ_ROLES, "read agents")
+    require_role(actor, contract.READ_ROLES, "read agents")
     items = []
     for agent in session.scalars(select(Agent).order_by(Agent.id)):
         if "tier" in filters and filters["tier"] not in agent.tiers:
@@ -240,7 +240,7 @@ def list_agents(session: Session, actor, filters: dict) -> dict:
 
 def update_agent(session: Session, actor, agent_id: str, changes: dict, expected_version: int | None) -> dict:
     """Returns the agent view; capacity, tiers or skills changes may let queued tickets through."""
-    _require(actor, contract.MANAGE_AGENT_ROLES, "manage agents")
+    require_role(actor, contract.MANAGE_AGENT_ROLES, "manage agents")
     if not changes:
         raise ValidationError("nothing to update", {"_schema": ["send at least one field"]})
     agent = _get_agent(session, agent_id, for_update=True)
@@ -260,7 +260,7 @@ def update_agent(session: Session, actor, agent_id: str, changes: dict, expected
 def set_presence(session: Session, actor, agent_id: str, presence: str) -> tuple[dict, str]:
     """Returns (agent view, previous presence). Agents set their own; supervisors anyone's."""
     if actor.id != agent_id:
-        _require(actor, contract.MANAGE_AGENT_ROLES, "set another agent's presence")
+        require_role(actor, contract.MANAGE_AGENT_ROLES, "set another agent's presence")
     elif actor.role not in contract.ESCALATE_ROLES:
         raise Forbidden(f"{actor.role}s have no presence")
     agent = _get_agent(session, agent_id, for_update=True)
@@ -322,7 +322,7 @@ def _is_uuid(value: str) -> bool:
 
 
 def create_rule(session: Session, actor, data: dict) -> dict:
-    _require(actor, contract.MANAGE_RULE_ROLES, "manage routing rules")
+    require_role(actor, contract.MANAGE_RULE_ROLES, "manage routing rules")
     count = session.scalar(select(func.count()).select_from(Rule))
     if count >= contract.MAX_RULES:
         raise Conflict(f"at most {contract.MAX_RULES} rules; delete unused ones first")
@@ -334,17 +334,17 @@ def create_rule(session: Session, actor, data: dict) -> dict:
 
 
 def get_rule(session: Session, actor, rule_id: str) -> dict:
-    _require(actor, contract.READ_ROLES, "read routing rules")
+    require_role(actor, contract.READ_ROLES, "read routing rules")
     return rule_view(_get_rule(session, rule_id))
 
 
 def list_rules(session: Session, actor) -> dict:
-    _require(actor, contract.READ_ROLES, "read routing rules")
+    require_role(actor, contract.READ_ROLES, "read routing rules")
     return {"items": [rule_view(r) for r in session.scalars(select(Rule).order_by(Rule.position, Rule.id))]}
 
 
 def update_rule(session: Session, actor, rule_id: str, data: dict, expected_version: int | None) -> dict:
-    _require(actor, contract.MANAGE_RULE_ROLES, "manage routing rules")
+    require_role(actor, contract.MANAGE_RULE_ROLES, "manage routing rules")
     rule = _get_rule(session, rule_id, for_update=True)
     _check_version(rule.version, expected_version, "rule")
     if data.get("position") is None:  # a replacement without a position keeps the rule's place
@@ -358,7 +358,7 @@ def update_rule(session: Session, actor, rule_id: str, data: dict, expected_vers
 
 
 def delete_rule(session: Session, actor, rule_id: str, expected_version: int | None) -> None:
-    _require(actor, contract.MANAGE_RULE_ROLES, "manage routing rules")
+    require_role(actor, contract.MANAGE_RULE_ROLES, "manage routing rules")
     rule = _get_rule(session, rule_id, for_update=True)
     _check_version(rule.version, expected_version, "rule")
     session.delete(rule)
@@ -491,7 +491,7 @@ def decision_view(decision: Decision) -> dict:
 
 
 def ticket_routing(session: Session, actor, ticket_id: str) -> dict:
-    _require(actor, contract.READ_ROLES, "read routing decisions")
+    require_role(actor, contract.READ_ROLES, "read routing decisions")
     row = get_routed(session, ticket_id) if isinstance(ticket_id, str) and len(ticket_id) <= 36 else None
     if row is None:
         raise NotFound("routing has no record of this ticket")
@@ -523,7 +523,7 @@ def queue_stats(session: Session) -> dict:
 
 
 def queues_view(session: Session, actor) -> dict:
-    _require(actor, contract.READ_ROLES, "read queues")
+    require_role(actor, contract.READ_ROLES, "read queues")
     now = now_utc()
     tiers = []
     for entry in queue_stats(session).values():

@@ -404,7 +404,7 @@ class Router:
     def escalate(self, actor: ops.Actor, ticket_id: str, reason: str, to_tier: str | None = None,
                  trigger: str = "agent") -> dict:
         if trigger == "agent":
-            ops._require(actor, contract.ESCALATE_ROLES, "escalate tickets")
+            ops.require_role(actor, contract.ESCALATE_ROLES, "escalate tickets")
         # the caller's own read: what they may not see is 404, as everywhere
         current_view = self.tickets.get_ticket(actor.as_dict() if trigger == "agent" else ops.SYSTEM_ACTOR, ticket_id)
         if current_view["status"] in domain.FINISHED_STATUSES:
