@@ -2,7 +2,6 @@
 import logging
 
 import eventlet
-from marshmallow import ValidationError as SchemaError
 from nameko.constants import NON_PERSISTENT
 from nameko.extensions import DependencyProvider
 from nameko.rpc import RpcProxy
@@ -10,9 +9,9 @@ from nameko.timer import timer
 
 from contracts import routing as contract
 from contracts import tickets as tickets_contract
-from contracts.errors import ValidationError
 from servicekit.config import settings_from_container
 from servicekit.context import RequestContext
+from servicekit.inputs import actor as _actor, expected_version as _version, identifier as _id, load as _load
 from servicekit.db import Database
 from servicekit.entrypoints import rpc
 from servicekit.events import AfterCommit, handles_event_once
@@ -21,7 +20,6 @@ from servicekit.probes import ServiceProbes
 from services.routing import domain, operations as ops
 from services.routing.router import Router, RoutingSettings
 
-_actor_schema = tickets_contract.ActorSchema()
 _skill_schema = contract.SkillRequest()
 _create_agent_schema = contract.CreateAgentRequest()
 _update_agent_schema = contract.UpdateAgentRequest()
@@ -34,32 +32,6 @@ _escalate_schema = contract.EscalateRequest()
 SLA_ACTOR = ops.Actor("system:sla", "supervisor")
 ROUTING_SETTINGS = RoutingSettings.load()
 log = logging.getLogger(__name__)
-
-
-def _load(schema, data) -> dict:
-    try:
-        return schema.load(data if data is not None else {})
-    except SchemaError as exc:
-        raise ValidationError("invalid request", exc.normalized_messages())
-
-
-def _actor(data) -> ops.Actor:
-    return ops.Actor.from_dict(_load(_actor_schema, data))
-
-
-def _id(value, name: str) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 200:
-        raise ValidationError(f"{name} must be 1-200 characters", {name: ["1-200 characters"]})
-    return value
-
-
-def _version(value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError("expected_version must be a positive integer",
-                              {"expected_version": ["positive integer"]})
-    return value
 
 
 def _snapshot_held(service, session, body) -> bool:

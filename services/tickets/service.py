@@ -1,47 +1,25 @@
 """nameko entrypoints of the tickets service. Each validates its input and calls operations."""
 
-from marshmallow import ValidationError as SchemaError
 from nameko.constants import NON_PERSISTENT
 from nameko.rpc import RpcProxy
 
 from contracts import tickets as contract
 from contracts.errors import ValidationError
 from servicekit.context import RequestContext
+from servicekit.inputs import actor as _actor, expected_version as _version, load as _load
 from servicekit.entrypoints import rpc
 from servicekit.db import Database
 from servicekit.events import handles_event_once
 from servicekit.metrics import EntrypointMetrics
 from servicekit.probes import ServiceProbes
 from services.tickets import operations, schemas
-from services.tickets.access import Actor
 
-_actor_schema = contract.ActorSchema()
 _create_schema = schemas.CreateTicketSchema()
 _update_schema = schemas.UpdateTicketSchema()
 _assign_schema = schemas.AssignSchema()
 _comment_schema = schemas.CommentSchema()
 _list_schema = schemas.ListTicketsSchema()
 _sla_schema = contract.TicketSlaUpdatedPayload
-
-
-def _load(schema, data) -> dict:
-    try:
-        return schema.load(data if data is not None else {})
-    except SchemaError as exc:
-        raise ValidationError("invalid request", exc.normalized_messages())
-
-
-def _actor(data) -> Actor:
-    return Actor.from_dict(_load(_actor_schema, data))
-
-
-def _version(value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError("expected_version must be a positive integer",
-                              {"expected_version": ["positive integer"]})
-    return value
 
 
 def _check_idempotency_key(key) -> None:
