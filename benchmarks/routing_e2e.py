@@ -61,16 +61,11 @@ def parse_time(value: str) -> float:
 
 # --- the stack: tickets + routing + gateway -------------------------------------------------------
 
-class RoutingStack:
-    """Like ``benchmarks/run.py``'s stack, with the routing service and its migration."""
+class RoutingStack(bench.Stack):
+    """``benchmarks/run.py``'s stack (its log tail and shutdown), with the routing service and
+    its migration."""
 
     SERVICES = ("tickets", "routing", "gateway")
-
-    def __init__(self, args):
-        self.args = args
-        self.procs = {}
-        self.broker = None
-        self.tmp = None
 
     def start(self):
         args = self.args
@@ -115,36 +110,6 @@ class RoutingStack:
         bench.wait_ready(base_url, self.procs, timeout=60)
         bench.wait_ready(f"http://127.0.0.1:{ports['routing']}", self.procs, timeout=60)
         return base_url, {name: proc.pid for name, proc in self.procs.items()}
-
-    def tail_logs(self, lines=20):
-        for service in self.procs:
-            try:
-                with open(os.path.join(self.tmp, f"{service}.log"), errors="replace") as f:
-                    tail = f.readlines()[-lines:]
-            except OSError:
-                continue
-            if tail:
-                log(f"--- {service} log (last {len(tail)} lines) ---")
-                for line in tail:
-                    log("  " + line.rstrip())
-
-    def stop(self):
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self.broker:
-            self.broker.delete()
-        if self.tmp and not self.args.keep_var:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        elif self.tmp:
-            log(f"stack: kept {self.tmp}")
 
 
 # --- a small keep-alive JSON client ---------------------------------------------------------------
