@@ -421,44 +421,42 @@ class Router:
             raise ValidationError(f"{target} is not above the ticket's tier {from_tier}",
                                   {"to_tier": [f"must be above {from_tier}"]})
         started = ops.now_utc()
-        # the new tier first: the unassignment below is announced, and this service's own handler
-        # of that event may route the ticket before the call returns; it must route in the new tier
-        # (only an assigned ticket: a queued one would be claimable in the new tier before the
-        # unassignment lands, which would then undo the claim)
+        # the new tier first, so that no claim in the old tier can start any more (a claim checks
+        # the tier) and this service's own handler of the change below routes in the new tier
         with self.uow.transaction() as session:
             ops.lock_ticket(session, ticket_id)
             row = ops.get_routed(session, ticket_id, for_update=True)
-            moved_early = row is not None and row.state == domain.ASSIGNED and row.tier == from_tier
+            if row is not None and row.state in (domain.ASSIGNING, domain.TRIAGE):
+                # milliseconds: a claim's delivery in flight would land after the escalation
+                raise Conflict("the ticket is being routed at this moment; retry in a second",
+                               {"ticket": ["being routed"]})
+            has_assignee = bool(row.assignee_id if row is not None else current_view.get("assignee_id"))
+            moved_early = row is not None and row.tier == from_tier
             if moved_early:
                 row.tier = target
         try:
-            view = self.tickets.assign_ticket(ops.SYSTEM_ACTOR, ticket_id, None, target)
+            if has_assignee:  # take it from its old-tier assignee, into the new tier
+                view = self.tickets.assign_ticket(ops.SYSTEM_ACTOR, ticket_id, None, target)
+            else:  # only the group: an assignment routing makes in the new tier meanwhile stands
+                view = self.tickets.update_ticket(ops.SYSTEM_ACTOR, ticket_id, {"group": target})
         except HelpdeskError:  # refused (closed meanwhile, gone): the ticket stays where it was
             if moved_early:
                 with self.uow.transaction() as session:
                     ops.lock_ticket(session, ticket_id)
                     row = ops.get_routed(session, ticket_id, for_update=True)
-                    if row.tier == target and row.state == domain.ASSIGNED:
+                    if row.tier == target and row.state != domain.ASSIGNING:
                         row.tier = from_tier
             raise
         detail = f"{from_tier} -> {target} by {actor.id}: {reason}"
         with self.uow.transaction() as session:
             ops.lock_ticket(session, ticket_id)
             row, change = ops.apply_snapshot(session, view)
-            claim = session.get(Decision, row.claim_decision_id) if row.claim_decision_id else None
-            # that handler may already have claimed (or assigned) the ticket in the new tier: keep it
-            taken = (row.state in (domain.ASSIGNING, domain.ASSIGNED) and claim is not None
-                     and claim.tier == target and claim.outcome in ("assigning", "assigned"))
-            if not taken:
-                if row.state == domain.ASSIGNING:  # a claim in flight for the old tier loses
-                    session.execute(update(Decision).where(Decision.id == row.claim_decision_id,
-                                                           Decision.outcome == "assigning")
-                                    .values(outcome="released", detail="escalated meanwhile"))
-                now = ops.now_utc()
-                ops.set_assignment(session, row, None, row.status)
+            # assigned in the new tier meanwhile (by routing's handler, or by hand): that stands
+            requeue = row.assignee_id is None
+            if requeue:
                 # a pending or on-hold ticket waits in the new tier for its requester, not in its queue
                 row.state = domain.QUEUED if domain.counts_against_capacity(row.status) else domain.IDLE
-                row.queued_at, row.queue_trigger, row.queue_noted = now, "escalated", False
+                row.queued_at, row.queue_trigger, row.queue_noted = ops.now_utc(), "escalated", False
                 row.claim_decision_id = row.claimed_at = None
             row.tier = target
             decision = ops.record_decision(session, row, "escalated", "escalated", detail=detail, tier=target)
@@ -476,7 +474,7 @@ class Router:
             log.warning("escalation note not added to %s: %r", ticket_id, exc)
         if change is not None and change.freed_agent:
             self.drain_for_agent(change.freed_agent, "capacity_freed")
-        if not taken:
+        if requeue:
             self.route(ticket_id, "escalated")
         return escalation
 

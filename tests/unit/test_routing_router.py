@@ -602,3 +602,28 @@ def test_the_sweeper_corrects_a_drifted_agent_load(routing, tickets, routing_uow
     router_module._last_reconcile = float("-inf")
     routing.router.sweep()
     assert routing.load("ann") == 1 and routing.row(ticket["id"])["assignee_id"] == "ann"
+
+
+def test_escalating_a_ticket_whose_claim_is_in_flight_asks_to_retry(routing_uow, tickets):
+    port = SilentProxy(tickets)
+    routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=60.0), port=TicketsPort(port, 0.2))
+    routing.agent("ann", tiers=("L1",), capacity=3)
+    port.lose_replies("assign_ticket")  # the claim's delivery gets no answer: it stays assigning
+    ticket = tickets.create()
+    routing.pump()
+    assert routing.row(ticket["id"])["state"] == "assigning"
+    with pytest.raises(Conflict):
+        routing.router.escalate(SUPERVISOR, ticket["id"], "needs L2")
+    assert routing.row(ticket["id"])["tier"] == "L1"
+
+
+def test_escalating_a_queued_ticket_changes_only_its_group_at_tickets(routing, tickets):
+    routing.agent("lee", tiers=("L2",), capacity=3)
+    ticket = tickets.create()  # no L1 agent: it waits in L1
+    routing.pump()
+    assert routing.row(ticket["id"])["state"] == "queued"
+    routing.router.escalate(SUPERVISOR, ticket["id"], "needs L2")
+    routing.pump()
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "lee"
+    assert tickets.tickets[ticket["id"]]["group"] == "L2"
+    assert routing.row(ticket["id"])["tier"] == "L2" and routing.load("lee") == 1
