@@ -310,3 +310,29 @@ def test_routing_metrics_show_assignments_queues_and_load_per_tier_without_ids(t
         if family.name.startswith("helpdesk_routing"):
             for sample in family.samples:
                 assert set(sample.labels) <= allowed, sample  # aggregates only: no agent or ticket ids
+
+
+def test_tickets_filed_while_routing_is_down_are_routed_when_it_returns(tickets, routing_factory, rpc):
+    routing = routing_factory().start()  # declares its queues: events wait there while it is down
+    online_agent(rpc, "ann", capacity=5)
+    routing.stop()
+    filed = [create_ticket(rpc, subject=f"while down {i}") for i in range(3)]
+    eventlet.sleep(0.5)
+    assert all(assignee_of(rpc, t["id"]) is None for t in filed)
+    routing.start()
+    for ticket in filed:
+        wait_for(lambda t=ticket: assignee_of(rpc, t["id"]) == "ann", timeout=15,
+                 message="routed after the restart")
+    assert rpc.routing.get_agent(ADMIN, "ann")["active_tickets"] == 3
+
+
+def test_a_routing_instance_killed_mid_flow_leaves_nothing_unrouted(tickets, routing_factory, rpc):
+    first = routing_factory().start()
+    online_agent(rpc, "ann", capacity=20)
+    filed = [create_ticket(rpc, subject=f"burst {i}") for i in range(10)]
+    first.kill()  # a crash: whatever was in flight is redelivered or re-driven by the sweeper
+    routing_factory(retry_after_seconds=1.0).start()
+    for ticket in filed:
+        wait_for(lambda t=ticket: assignee_of(rpc, t["id"]) == "ann", timeout=20,
+                 message="every ticket routed after the crash")
+    assert rpc.routing.get_agent(ADMIN, "ann")["active_tickets"] == 10
