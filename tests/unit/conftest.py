@@ -1,10 +1,12 @@
 """Unit-test fixtures: a real, migrated SQLite database file per test (see support.py), no broker."""
+import shutil
 from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import sessionmaker
 
 from servicekit.db import UnitOfWork, make_engine
+from servicekit.migrate import upgrade
 from services.tickets import operations
 from tests.unit.support import T0, Clock, Desk, fresh_database
 
@@ -52,3 +54,21 @@ def clock(monkeypatch) -> Clock:
 @pytest.fixture
 def desk(uow, clock) -> Desk:
     return Desk(uow)
+
+
+# --- the routing service's database (a migrated template copied per test) --------------------
+
+@pytest.fixture(scope="session")
+def routing_template(tmp_path_factory):
+    path = tmp_path_factory.mktemp("routing-template") / "routing.db"
+    upgrade("routing", f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def routing_uow(tmp_path, routing_template):
+    path = tmp_path / "routing.db"
+    shutil.copyfile(routing_template, path)
+    engine = make_engine(f"sqlite:///{path}", pool_size=2)
+    yield UnitOfWork(sessionmaker(engine, expire_on_commit=False))
+    engine.dispose()

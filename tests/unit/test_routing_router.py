@@ -6,19 +6,15 @@ would carry it. ``Routing.pump`` delivers those snapshots in order through
 ``operations.apply_snapshot`` + ``Router.follow_up``, as the service's event handlers do.
 """
 import copy
-import shutil
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import eventlet
 import pytest
 from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
 
 from contracts import routing as contract
 from contracts.errors import Conflict, NotFound, ValidationError
-from servicekit.db import UnitOfWork, make_engine
-from servicekit.migrate import upgrade
 from servicekit.tables import OUTBOX
 from services.routing import operations as ops
 from services.routing.models import Decision, RoutedTicket, Skill
@@ -213,22 +209,6 @@ class Routing:
             envelopes = [row.envelope for row in session.execute(
                 select(OUTBOX).where(OUTBOX.c.event_type == event_type).order_by(OUTBOX.c.id))]
         return [e["payload"] for e in envelopes if ticket_id is None or e["payload"].get("ticket_id") == ticket_id]
-
-
-@pytest.fixture(scope="session")
-def routing_template(tmp_path_factory):
-    path = tmp_path_factory.mktemp("routing-template") / "routing.db"
-    upgrade("routing", f"sqlite:///{path}")
-    return path
-
-
-@pytest.fixture
-def routing_uow(tmp_path, routing_template):
-    path = tmp_path / "routing.db"
-    shutil.copyfile(routing_template, path)
-    engine = make_engine(f"sqlite:///{path}", pool_size=2)
-    yield UnitOfWork(sessionmaker(engine, expire_on_commit=False))
-    engine.dispose()
 
 
 @pytest.fixture

@@ -7,13 +7,10 @@ from types import SimpleNamespace
 import pytest
 from nameko.testing.services import worker_factory
 from sqlalchemy import func, select
-from sqlalchemy.orm import sessionmaker
 
 from contracts.errors import Conflict, Forbidden, NotFound, ValidationError
 from contracts.events import make_envelope
-from servicekit.db import UnitOfWork, make_engine
 from servicekit.events import UnprocessableEvent
-from servicekit.migrate import upgrade
 from servicekit.tables import OUTBOX
 from services.routing.models import Decision, RoutedTicket
 from services.routing.router import RoutingSettings
@@ -25,20 +22,9 @@ REQUESTER = {"id": "alice", "role": "requester", "organization_id": "acme"}
 VIEWER = {"id": "auditor", "role": "viewer"}
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory):
-    path = tmp_path_factory.mktemp("routing-template") / "routing.db"
-    upgrade("routing", f"sqlite:///{path}")
-    return path
-
-
 @pytest.fixture
-def uow(tmp_path, template_db):
-    path = tmp_path / "routing.db"
-    path.write_bytes(template_db.read_bytes())
-    engine = make_engine(f"sqlite:///{path}", pool_size=2)
-    yield UnitOfWork(sessionmaker(engine, expire_on_commit=False))
-    engine.dispose()
+def uow(routing_uow):
+    return routing_uow
 
 
 class FakeTickets:
