@@ -208,12 +208,21 @@ class GatewayService:
     @http("GET", "/readyz")
     @api(authenticated=False)
     def readyz(self, request):
+        """Ready when tickets answers: without it the gateway serves nothing useful. Routing is
+        reported but does not decide: tickets are filed and read while it is down, and its
+        events wait in its queues."""
         try:
             with eventlet.Timeout(2, GatewayTimeout("tickets")):
                 self.tickets.health_ping()
         except (GatewayTimeout, UnknownService, RemoteError, OSError) as exc:
             return web.json_response({"status": "unavailable", "tickets": type(exc).__name__}, 503)
-        return web.json_response({"status": "ready", "tickets": "ok"})
+        try:
+            with eventlet.Timeout(1, GatewayTimeout("routing")):
+                self.routing.health_ping()
+            routing = "ok"
+        except (GatewayTimeout, UnknownService, RemoteError, OSError) as exc:
+            routing = type(exc).__name__
+        return web.json_response({"status": "ready", "tickets": "ok", "routing": routing})
 
     @http("GET", "/metrics")
     def metrics_endpoint(self, request):

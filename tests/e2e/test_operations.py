@@ -3,6 +3,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.e2e.conftest import wait_until
+
 pytestmark = pytest.mark.e2e
 
 TICKET_PATHS = {"/v1/tickets", "/v1/tickets/{ticket_id}", "/v1/tickets/{ticket_id}/comments",
@@ -20,6 +22,20 @@ def test_liveness_and_readiness_answer_without_a_token(api):
     ready = api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert ready.headers["Content-Type"].startswith("application/json")
+
+
+def test_readiness_reports_routing_without_depending_on_it(stack, api):
+    assert api.get("/readyz").json()["routing"] == "ok"
+    stack.routing.stop()
+    try:
+        ready = api.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["tickets"] == "ok" and ready.json()["routing"] != "ok"
+        api.create_ticket("alice")  # filing and reading tickets go on while routing is down
+    finally:
+        stack.routing.start()
+        stack.wait_routing_ready(45)
+    wait_until(lambda: api.get("/readyz").json()["routing"] == "ok", timeout=15, message="routing back")
 
 
 def test_tickets_process_has_its_own_probes_and_metrics(stack):
