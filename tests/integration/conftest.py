@@ -206,19 +206,29 @@ class RoutingHarness(ServiceHarness):
         return RoutingService
 
 
-@pytest.fixture
-def tickets_factory(vhost, database_url):
-    """Build (not start) tickets instances on this test's vhost and database; all are stopped after."""
+@contextmanager
+def harness_factory(build):
+    """``make(**kwargs)`` -> ``build(**kwargs)``, a harness not yet started; every harness it
+    made is stopped when the block ends."""
     harnesses = []
 
-    def make(**overrides) -> TicketsHarness:
-        harness = TicketsHarness(vhost, database_url, **overrides)
+    def make(**kwargs):
+        harness = build(**kwargs)
         harnesses.append(harness)
         return harness
 
-    yield make
-    for harness in harnesses:
-        harness.stop()
+    try:
+        yield make
+    finally:
+        for harness in harnesses:
+            harness.stop()
+
+
+@pytest.fixture
+def tickets_factory(vhost, database_url):
+    """Build (not start) tickets instances on this test's vhost and database; all are stopped after."""
+    with harness_factory(lambda **overrides: TicketsHarness(vhost, database_url, **overrides)) as make:
+        yield make
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 
 from contracts.errors import Conflict, Forbidden, NotFound, ValidationError
 from services.routing.router import RoutingSettings
-from tests.integration.conftest import RoutingHarness, wait_for
+from tests.integration.conftest import RoutingHarness, harness_factory, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -33,17 +33,12 @@ def routing_db(database_factory):
 
 @pytest.fixture
 def routing_factory(vhost, routing_db):
-    harnesses = []
-
-    def make(**settings) -> RoutingHarness:
+    def build(**settings) -> RoutingHarness:
         policy = RoutingSettings(**{"sweep_interval_seconds": 2.0, "retry_after_seconds": 3.0, **settings})
-        harness = RoutingHarness(vhost, routing_db, extra_config={"HELPDESK_ROUTING": policy})
-        harnesses.append(harness)
-        return harness
+        return RoutingHarness(vhost, routing_db, extra_config={"HELPDESK_ROUTING": policy})
 
-    yield make
-    for harness in harnesses:
-        harness.stop()
+    with harness_factory(build) as make:
+        yield make
 
 
 @pytest.fixture
