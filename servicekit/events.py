@@ -64,6 +64,19 @@ class ReliableEventHandler(EventHandler):
 
     queue_consumer = DeadLetteringQueueConsumer()
 
+    def __init__(self, *args, stale_without_worker=None, **kwargs):
+        # ``stale_without_worker(body) -> bool``: a check in memory only (no I/O) that the event
+        # can have no effect; True acks it in the consumer, without spawning a worker
+        self.stale_without_worker = stale_without_worker
+        super().__init__(*args, **kwargs)
+
+    def handle_message(self, body, message):
+        if self.stale_without_worker is not None and _known_stale(self.stale_without_worker, body):
+            metrics.EVENTS_SUPERSEDED.labels(self.container.service_name, self.method_name).inc()
+            self.queue_consumer.ack_message(message)
+            return
+        super().handle_message(body, message)
+
     def setup(self):
         super().setup()
         settings = settings_from_container(self.container)
@@ -170,12 +183,14 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def handles_event_once(source_service: str, event_type: str, payload_schema=None, db_attr: str = "db",
-                       already_applied=None):
+                       already_applied=None, known_stale=None):
     """``already_applied(self, session, body) -> bool``: an optional read-only check, on the raw
     message body, that the event can have no effect any more (e.g. its snapshot is older than
     what the service holds); such an event is acked without validation or a write transaction.
-    Only for handlers whose effect is a pure function of state, where applying a stale event
-    again would change nothing either. An exception in the check counts as "not applied"."""
+    ``known_stale(body) -> bool``: the same question answered from memory alone, before a
+    worker is spawned (e.g. a version this process saw committed). Only for handlers whose
+    effect is a pure function of state, where applying a stale event again would change
+    nothing either. An exception in either check counts as "not applied"."""
 
     def decorator(method):
         handler_name = method.__name__
@@ -208,9 +223,16 @@ def handles_event_once(source_service: str, event_type: str, payload_schema=None
                 result.run()
             return None
 
-        return ReliableEventHandler.decorator(source_service, event_type)(wrapper)
+        return ReliableEventHandler.decorator(source_service, event_type, stale_without_worker=known_stale)(wrapper)
 
     return decorator
+
+
+def _known_stale(check, body) -> bool:
+    try:
+        return bool(check(body))
+    except Exception:  # a body the check cannot read: a worker and the full validation decide
+        return False
 
 
 def _already_applied(check, service, db_attr: str, body) -> bool:

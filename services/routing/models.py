@@ -95,6 +95,9 @@ class RoutedTicket(Base):
     sla_due_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     claim_decision_id: Mapped[str | None] = mapped_column(String(36))
     claimed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # what the rules changed (category, priority, group) and the tickets service does not have
+    # yet: delivered with the assignment, or on its own when the ticket has to wait
+    pending_changes: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
     __table_args__ = (

@@ -5,9 +5,10 @@ these transactions.
 """
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import Text, cast, func, select, update
+from sqlalchemy import Text, bindparam, cast, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -138,6 +139,75 @@ def lock_ticket(session: Session, ticket_id: str) -> None:
     write outside any transaction)."""
     session.execute(update(RoutedTicket).where(RoutedTicket.ticket_id == ticket_id)
                     .values(updated_at=now_utc()))
+
+
+def lock_tickets(session: Session, ticket_ids) -> dict:
+    """Lock these tickets' rows in id order (PostgreSQL: two batches never wait on each other
+    in a cycle) or take SQLite's write lock, then load them: {ticket_id: RoutedTicket}."""
+    ids = sorted(set(ticket_ids))
+    if not ids:
+        return {}
+    if session.get_bind().dialect.name == "sqlite":  # FOR UPDATE is not SQLite's: any write locks
+        session.execute(update(RoutedTicket).where(RoutedTicket.ticket_id == ids[0])
+                        .values(updated_at=RoutedTicket.updated_at))
+    rows = session.scalars(select(RoutedTicket).where(RoutedTicket.ticket_id.in_(ids))
+                           .order_by(RoutedTicket.ticket_id).with_for_update())
+    return {row.ticket_id: row for row in rows}
+
+
+_TICKETS, _AGENTS, _DECISIONS = RoutedTicket.__table__, Agent.__table__, Decision.__table__
+_MARK_CLAIMED = (update(_TICKETS).where(_TICKETS.c.ticket_id == bindparam("b_ticket_id"))
+                 .values(state=domain.ASSIGNING, assignee_id=bindparam("b_agent_id"),
+                         claim_decision_id=bindparam("b_decision_id"), claimed_at=bindparam("b_now"),
+                         updated_at=bindparam("b_now")))
+
+
+def lock_claimable(session: Session, ticket_ids) -> list:
+    """Lock these tickets (id order; SQLite: the write lock) and return (ticket_id, tier) of
+    those a claim may still take: queued, unassigned, active. On PostgreSQL a ticket whose row
+    another transaction holds (another router's claim, an event being mirrored) is skipped, not
+    waited for: the claim counts it as a lost race and the next round reads it again."""
+    ids = sorted(set(ticket_ids))
+    if not ids:
+        return []
+    if session.get_bind().dialect.name == "sqlite":  # FOR UPDATE is not SQLite's: any write locks
+        session.execute(update(_TICKETS).where(_TICKETS.c.ticket_id == ids[0])
+                        .values(updated_at=_TICKETS.c.updated_at))
+    return list(session.execute(
+        select(_TICKETS.c.ticket_id, _TICKETS.c.tier)
+        .where(_TICKETS.c.ticket_id.in_(ids), _TICKETS.c.state == domain.QUEUED, _TICKETS.c.assignee_id.is_(None),
+               _TICKETS.c.status.in_(contract.ACTIVE_STATUSES))
+        .order_by(_TICKETS.c.ticket_id).with_for_update(skip_locked=True)).all())
+
+
+def take_slots(session: Session, agent_id: str, count: int, now: datetime) -> bool:
+    """Take ``count`` of an online agent's free slots at once, or none (one atomic UPDATE)."""
+    return bool(session.execute(
+        update(_AGENTS).where(_AGENTS.c.id == agent_id, _AGENTS.c.presence == "online",
+                              _AGENTS.c.active_load + count <= _AGENTS.c.capacity)
+        .values(active_load=_AGENTS.c.active_load + count, claim_seq=_AGENTS.c.claim_seq + count,
+                last_assigned_at=now)).rowcount)
+
+
+def mark_claimed(session: Session, claims, now: datetime) -> None:
+    """(ticket_id, agent_id, decision_id) rows, locked by ``lock_claimable``: now assigning."""
+    session.execute(_MARK_CLAIMED, [{"b_ticket_id": ticket_id, "b_agent_id": agent_id, "b_decision_id": decision_id,
+                                     "b_now": now} for ticket_id, agent_id, decision_id in claims])
+
+
+def insert_decisions(session: Session, rows: list) -> None:
+    if rows:
+        session.execute(insert(_DECISIONS), rows)
+
+
+def confirm_decisions(session: Session, decision_ids) -> set:
+    """``assigning -> assigned`` for these decisions; the ids that were still assigning."""
+    ids = list(decision_ids)
+    if not ids:
+        return set()
+    return set(session.scalars(update(_DECISIONS).where(_DECISIONS.c.id.in_(ids),
+                                                        _DECISIONS.c.outcome == "assigning")
+                               .values(outcome="assigned").returning(_DECISIONS.c.id)))
 
 
 def agent_view(agent: Agent, load: int) -> dict:
@@ -364,9 +434,25 @@ def delete_rule(session: Session, actor, rule_id: str, expected_version: int | N
     session.delete(rule)
 
 
+# (database, fingerprint of the rules table) -> the enabled rules: every new ticket is triaged
+# against them, and they change rarely
+_ENABLED_RULES: dict = {}
+
+
 def enabled_rules(session: Session) -> list:
-    return [rule_view(r) for r in session.scalars(select(Rule).where(Rule.enabled.is_(True))
-                                                  .order_by(Rule.position, Rule.id))]
+    """The enabled rules in order (read-only views). A cheap aggregate over the rules table is
+    read every time and the rules themselves only when it changed, so a change made through
+    any replica applies to the next ticket everywhere."""
+    fingerprint = (str(session.get_bind().url),
+                   *session.execute(select(func.count(), func.max(Rule.updated_at), func.sum(Rule.version))).one())
+    cached = _ENABLED_RULES.get(fingerprint)
+    if cached is None:
+        cached = [rule_view(r) for r in session.scalars(select(Rule).where(Rule.enabled.is_(True))
+                                                        .order_by(Rule.position, Rule.id))]
+        if len(_ENABLED_RULES) > 100:
+            _ENABLED_RULES.clear()
+        _ENABLED_RULES[fingerprint] = cached
+    return cached
 
 
 # --- the ticket mirror ------------------------------------------------------------------------------
@@ -381,17 +467,40 @@ def get_routed(session: Session, ticket_id: str, for_update: bool = False) -> Ro
     return session.get(RoutedTicket, ticket_id, with_for_update=for_update or None)
 
 
+# ticket id -> a version this process saw committed to the mirror (the database holds it or a
+# newer one: a mirrored version never goes down), so the events echoing routing's own
+# assignments are recognised as stale without a read
+_COMMITTED_VERSIONS: dict = {}
+_COMMITTED_VERSIONS_MAX = 50_000
+
+
+def remember_committed_version(ticket_id: str, version: int) -> None:
+    """Call only after the transaction that mirrored ``version`` committed."""
+    if len(_COMMITTED_VERSIONS) >= _COMMITTED_VERSIONS_MAX:
+        _COMMITTED_VERSIONS.clear()
+    if version > _COMMITTED_VERSIONS.get(ticket_id, -1):
+        _COMMITTED_VERSIONS[ticket_id] = version
+
+
+def snapshot_known_stale(snapshot: dict) -> bool:
+    """From memory only: this process saw this version of the ticket, or a newer one, committed."""
+    return snapshot["version"] <= _COMMITTED_VERSIONS.get(snapshot["id"], -1)
+
+
 def snapshot_is_stale(session: Session, snapshot: dict) -> bool:
-    """True when routing already mirrors this version of the ticket or a newer one (a read:
-    such an event is acked without a write transaction)."""
+    """True when routing already mirrors this version of the ticket or a newer one (such an
+    event is acked without a write transaction; usually without a read, either)."""
+    if snapshot["version"] <= _COMMITTED_VERSIONS.get(snapshot["id"], -1):
+        return True
     held = session.scalar(select(RoutedTicket.ticket_version).where(RoutedTicket.ticket_id == snapshot["id"]))
     return held is not None and snapshot["version"] <= held
 
 
-def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = None
+def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = None, flush: bool = True
                    ) -> tuple[RoutedTicket, domain.MirrorChange | None]:
     """Mirror a ticket snapshot (an event's or an RPC answer's) if it is newer than what we hold.
-    ``row``: the ticket's row when the caller already holds it locked.
+    ``row``: the ticket's row when the caller already holds it locked; ``flush=False``: the
+    caller writes many rows and lets the commit flush them together.
 
     Returns the row and what the change means for routing (None: stale or duplicate snapshot).
     """
@@ -434,7 +543,8 @@ def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = 
     elif change.state not in domain.ROUTABLE_STATES + (domain.ASSIGNING,):
         row.queued_at, row.queue_trigger = None, None
     row.state = change.state
-    session.flush()
+    if flush:
+        session.flush()
     return row, change
 
 
@@ -443,12 +553,57 @@ def queued_ticket(row: RoutedTicket) -> domain.QueuedTicket:
                                row.ticket_created_at, row.queued_at or row.ticket_created_at, row.sla_due_at)
 
 
-def queued_tickets(session: Session, tiers=None) -> list:
-    query = select(RoutedTicket).where(RoutedTicket.state == domain.QUEUED,
-                                       RoutedTicket.status.in_(contract.ACTIVE_STATUSES))
+@dataclass(frozen=True)
+class QueueEntry:
+    """A queued ticket as the dispatcher needs it: the chooser's view, why it was queued,
+    whether its waiting was already recorded, and the rules' changes not yet delivered."""
+    ticket: domain.QueuedTicket
+    trigger: str | None
+    noted: bool
+    changes: dict | None
+
+
+# plain columns (no ORM objects): the whole queue is read for each dispatch round
+_QUEUE_COLUMNS = select(RoutedTicket.ticket_id, RoutedTicket.tier, RoutedTicket.priority,
+                        cast(RoutedTicket.required_skills, Text), RoutedTicket.ticket_created_at,
+                        RoutedTicket.queued_at, RoutedTicket.sla_due_at, RoutedTicket.queue_trigger,
+                        RoutedTicket.queue_noted, RoutedTicket.pending_changes)
+
+
+def _required_skills(raw: str) -> frozenset:
+    decoded = _DECODED.get(("required", raw))
+    if decoded is None:
+        if len(_DECODED) > 20_000:
+            _DECODED.clear()
+        decoded = _DECODED[("required", raw)] = frozenset(json.loads(raw))
+    return decoded
+
+
+def queue_entries(session: Session, tiers=None, ticket_ids=None, unnoted_only: bool = False,
+                  noted_with_changes_before: datetime | None = None) -> list:
+    """The queued (and active) tickets of ``tiers``, or of ``ticket_ids``, as QueueEntry;
+    ``noted_with_changes_before``: only those noted as waiting, queued before then, whose
+    rules' changes are still pending."""
+    query = _QUEUE_COLUMNS.where(RoutedTicket.state == domain.QUEUED,
+                                 RoutedTicket.status.in_(contract.ACTIVE_STATUSES))
     if tiers is not None:
         query = query.where(RoutedTicket.tier.in_(list(tiers)))
-    return [queued_ticket(row) for row in session.scalars(query)]
+    if ticket_ids is not None:
+        query = query.where(RoutedTicket.ticket_id.in_(list(ticket_ids)))
+    if unnoted_only:
+        query = query.where(RoutedTicket.queue_noted.is_(False))
+    if noted_with_changes_before is not None:
+        query = query.where(RoutedTicket.queue_noted.is_(True), RoutedTicket.pending_changes.is_not(None),
+                            RoutedTicket.queued_at < noted_with_changes_before)
+    return [QueueEntry(domain.QueuedTicket(ticket_id, tier, priority, _required_skills(skills), created_at,
+                                           queued_at or created_at, sla_due_at),
+                       trigger, bool(noted), changes or None)
+            for ticket_id, tier, priority, skills, created_at, queued_at, sla_due_at, trigger, noted, changes
+            in session.execute(query)]
+
+
+def queued_tickets(session: Session, tiers=None) -> list:
+    return [entry.ticket for entry in queue_entries(session, tiers)]
 
 
 def set_sla_due(session: Session, ticket_id: str, due_at: datetime | None) -> None:
@@ -463,15 +618,20 @@ def _candidate_view(candidate: domain.Candidate) -> dict:
             "capacity": candidate.capacity, "idle_since": iso_utc(candidate.idle_since), "rank": candidate.rank}
 
 
-def new_decision(ticket_id: str, tier: str, required_skills: list, trigger: str, outcome: str,
-                 choice: domain.Choice | None = None, agent_id: str | None = None, detail: str | None = None,
-                 decision_id: str | None = None) -> Decision:
+def decision_values(ticket_id: str, tier: str, required_skills: list, trigger: str, outcome: str,
+                    choice: domain.Choice | None = None, agent_id: str | None = None, detail: str | None = None,
+                    decision_id: str | None = None) -> dict:
+    """A decision row's columns (for a bulk insert; ``new_decision`` for one ORM object)."""
     candidates = [_candidate_view(c) for c in choice.candidates] if choice else []
     if choice and choice.not_in_tier:
         detail = ((detail + "; ") if detail else "") + f"{choice.not_in_tier} agents outside tier {tier} not listed"
-    return Decision(id=decision_id or new_id(), ticket_id=ticket_id, decided_at=now_utc(), trigger=trigger,
-                    tier=tier, outcome=outcome, agent_id=agent_id, required_skills=list(required_skills),
-                    skills_relaxed=bool(choice and choice.skills_relaxed), candidates=candidates, detail=detail)
+    return {"id": decision_id or new_id(), "ticket_id": ticket_id, "decided_at": now_utc(), "trigger": trigger,
+            "tier": tier, "outcome": outcome, "agent_id": agent_id, "required_skills": list(required_skills),
+            "skills_relaxed": bool(choice and choice.skills_relaxed), "candidates": candidates, "detail": detail}
+
+
+def new_decision(*args, **kwargs) -> Decision:
+    return Decision(**decision_values(*args, **kwargs))
 
 
 def record_decision(session: Session, row: RoutedTicket, trigger: str, outcome: str,

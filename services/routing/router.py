@@ -1,30 +1,38 @@
-"""Routing's orchestration: triage, claim, deliver, drain, escalate, sweep.
+"""Routing's orchestration: triage, claim, deliver, dispatch, escalate, sweep.
 
 Correctness under concurrency rests on the database, not on this process:
 
-* a **claim** is one transaction: ``UPDATE agents SET active_load = active_load + 1 WHERE
-  ... active_load < capacity`` takes a slot atomically (and the agent's row lock on
-  PostgreSQL, the write lock on SQLite), then the ticket moves ``queued -> assigning`` by
-  compare-and-set; if the ticket was taken the transaction rolls the slot back. Any number of
-  routers may race: no agent passes capacity, exactly one claim wins a ticket. Claims lock
-  agent then ticket; mirroring a ticket event locks ticket then agent, so PostgreSQL may pick a
-  deadlock victim: a claim takes that as a lost race, an event handler is retried (its
-  transaction, handled mark included, rolled back). ``active_load`` is kept equal to
+* a **claim** is one transaction for a batch of (ticket, agent) pairs: each ticket moves
+  ``queued -> assigning`` by compare-and-set (still queued, same tier, unassigned, active),
+  then each agent's slots are taken with one atomic ``UPDATE agents SET active_load =
+  active_load + k WHERE ... active_load + k <= capacity``; an agent whose slots are gone
+  keeps none of the batch (their tickets go back to the queue in the same transaction). Any
+  number of routers may race: no agent passes capacity, exactly one claim wins a ticket.
+  Every transaction locks tickets before agents (claims, confirmations and the mirror of
+  ticket events alike), tickets and agents each in id order where there are several, so
+  PostgreSQL has no lock cycle to break; a deadlock or lock timeout that happens anyway is
+  a lost race for a claim and a retry for an event handler. ``active_load`` is kept equal to
   the mirrored tickets by ``operations.set_assignment``, the one place an assignee or status
   changes.
-* the claim is then **delivered** through the tickets service's assign RPC (outside any
-  transaction) and **confirmed** (``assigning -> assigned``, ``ticket_routed`` event, once, by
-  a CAS on the decision row). A refused delivery releases the slot; a delivery that did not
-  answer is re-driven by the sweeper (the assign RPC is idempotent).
+* the claims are then **delivered** through the tickets service's assign RPC (outside any
+  transaction, a few at a time) and **confirmed** together (``assigning -> assigned``,
+  ``ticket_routed`` event, once per claim, by a CAS on the decision row). A refused delivery
+  releases the slot; a delivery that did not answer is re-driven by the sweeper (the assign
+  RPC is idempotent).
+* ticket event handlers only mirror and queue; the service's **dispatcher** (one worker at a
+  time, ``dispatcher.py``) then drains the queues in batches, so many tickets arriving at
+  once cost one agents read, one claim and one confirm transaction per batch.
 * the **sweeper** (every few seconds, on every replica) re-drives stale claims and triages,
-  and drains every tier, so a ticket never waits while an eligible agent is free once the
+  and dispatches every tier, so a ticket never waits while an eligible agent is free once the
   system is quiet, whatever events were lost to a crash.
 """
 import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import eventlet
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
@@ -39,6 +47,10 @@ log = logging.getLogger(__name__)
 
 MAX_CLAIM_ATTEMPTS = 5
 MAX_DRAIN_ROUNDS = 20
+# tickets claimed in one transaction by a drain round; their deliveries to the tickets service
+# run this many at a time, and are confirmed together in one transaction
+CLAIM_BATCH = 32
+DELIVERY_CONCURRENCY = 16
 # how often the sweeper checks every agent's active_load against a recount of the mirror
 RECONCILE_EVERY_SECONDS = 30.0
 _last_reconcile = float("-inf")
@@ -82,10 +94,6 @@ def _rule_input(row) -> dict:
             "organization_id": row.organization_id, "priority": row.priority, "tags": list(row.tags or [])}
 
 
-class _LostRace(Exception):
-    """Another router took the agent's last slot or the ticket first; the claim rolls back."""
-
-
 @dataclass(frozen=True)
 class Claim:
     ticket_id: str
@@ -94,16 +102,86 @@ class Claim:
     tier: str
     trigger: str
     ticket_created_at: datetime
+    # the rules' changes the tickets service does not have yet: they travel with the assignment
+    changes: dict | None = None
+
+
+@dataclass(frozen=True)
+class _Planned:
+    ticket: domain.QueuedTicket
+    agent_id: str
+    choice: domain.Choice
+    trigger: str
+    changes: dict | None
+
+
+# what _deliver_one answers for a claim the tickets service refused (its slot went back)
+_RELEASED = object()
+
+
+class _Deliveries:
+    """Claims being delivered to the tickets service, ``size`` calls at a time, confirmed in
+    batches: a delivery that finishes while a confirmation runs joins the next one (one
+    transaction per batch), and the drain that submitted them goes on claiming meanwhile."""
+
+    def __init__(self, router: "Router", size: int):
+        self._router = router
+        self._pool = eventlet.GreenPool(size)
+        self._ready = []
+        self._confirming = False
+        self.delivered = self.released = 0
+
+    def submit(self, claims) -> None:
+        for claim in claims:
+            self._pool.spawn_n(self._deliver, claim)
+
+    def _deliver(self, claim: Claim) -> None:
+        answer = self._router._deliver_one(claim)
+        if answer is _RELEASED:
+            self.released += 1
+        elif answer is not None:
+            self._ready.append((claim, answer))
+            if not self._confirming:
+                self._confirm_ready()
+
+    def _confirm_ready(self) -> None:
+        self._confirming = True
+        try:
+            while self._ready:
+                batch, self._ready = self._ready, []
+                try:
+                    self._router._confirm_all(batch)
+                except Exception as exc:  # the claims stay "assigning": the sweeper re-drives them
+                    log.warning("confirmation of %d delivered claims failed: %r", len(batch), exc)
+                    continue
+                self.delivered += len(batch)
+        finally:
+            self._confirming = False
+
+    def wait(self) -> tuple:
+        """Once every submitted claim is delivered and confirmed: (delivered, released)."""
+        self._pool.waitall()
+        return self.delivered, self.released
 
 
 class Router:
     """``uow``: servicekit UnitOfWork; ``tickets``: an object with the tickets RPCs
-    (get_ticket, assign_ticket, update_ticket, add_comment) that raise contracts errors."""
+    (get_ticket, assign_ticket, update_ticket, add_comment) that raise contracts errors;
+    ``wake(trigger)``: asks the service's dispatcher to route what is queued, after the caller
+    is done (the service's handlers use it, so that tickets are assigned in batches by one
+    worker); without it, queued tickets are dispatched inline (tests, tools)."""
 
-    def __init__(self, uow, tickets, settings: RoutingSettings):
+    def __init__(self, uow, tickets, settings: RoutingSettings, wake=None):
         self.uow = uow
         self.tickets = tickets
         self.settings = settings
+        self._wake = wake
+
+    def request_dispatch(self, trigger: str) -> None:
+        if self._wake is not None:
+            self._wake(trigger)
+        else:
+            self.dispatch(trigger)
 
     # --- following ticket changes --------------------------------------------------------------
 
@@ -116,9 +194,9 @@ class Router:
         elif change.state == domain.TRIAGE:
             self.triage(ticket_id)
         elif change.state == domain.QUEUED and change.trigger:
-            self.route(ticket_id, change.trigger)
+            self.request_dispatch(change.trigger)
         if change.freed_agent:
-            self.drain_for_agent(change.freed_agent, "capacity_freed")
+            self.request_dispatch("capacity_freed")
 
     def triage_in(self, session, row) -> dict | None:
         """Run the rules inside the transaction that first saw the ticket (the usual path: one
@@ -153,8 +231,9 @@ class Router:
         self.after_triage(ticket_id, triaged)
 
     def _apply_triage(self, session, row, outcome) -> dict:
-        """The rules' outcome on the row (tier, skills, category, priority), queued; returns what
-        the tickets service must be told after the commit."""
+        """The rules' outcome on the row (tier, skills, category, priority), queued; what the
+        tickets service must be told waits on the row (``pending_changes``) until it is delivered
+        with the assignment, or on its own if the ticket has to wait."""
         ticket_changes, escalated_from = {}, None
         if outcome is not None and outcome.matched_rule_ids:
             if outcome.tier and outcome.tier != row.tier:
@@ -174,135 +253,187 @@ class Router:
                     "reason": detail, "actor_id": "rule:" + outcome.matched_rule_ids[-1], "trigger": "rule"})
         row.state, row.queued_at, row.queue_noted = domain.QUEUED, ops.now_utc(), False
         row.queue_trigger = "created"
+        row.pending_changes = ticket_changes or None
         return {"ticket_changes": ticket_changes, "escalated_from": escalated_from, "tier": row.tier}
 
     def after_triage(self, ticket_id: str, triaged: dict) -> None:
-        ticket_changes = triaged["ticket_changes"]
         if triaged["escalated_from"]:
             metrics.ESCALATIONS.labels(triaged["escalated_from"], triaged["tier"], "rule").inc()
-        # the ticket record shows what the rules decided: with the assignment in one call when an
-        # agent is free (one version, one round trip), else on its own
-        delivered = self.route(ticket_id, "created", ticket_changes)
-        if ticket_changes and not delivered:
-            try:
-                self.tickets.update_ticket(ops.SYSTEM_ACTOR, ticket_id, ticket_changes)
-            except Exception as exc:
-                log.warning("rules' changes %s not applied to ticket %s: %s", ticket_changes, ticket_id, exc)
+        self.request_dispatch("created")
 
     # --- one ticket ----------------------------------------------------------------------------
 
-    def route(self, ticket_id: str, trigger: str, ticket_changes: dict | None = None) -> bool:
+    def route(self, ticket_id: str, trigger: str) -> bool:
         """Assign a queued ticket to the best free agent now, or leave it queued (noted once).
-        ``ticket_changes`` (the rules' category, priority, group) travel with the assignment.
         True when an assignment was delivered to the tickets service."""
         for _ in range(MAX_CLAIM_ATTEMPTS):
             with self.uow.read() as session:
-                row = ops.get_routed(session, ticket_id)
-                if row is None or row.state != domain.QUEUED:
-                    return None
-                ticket = ops.queued_ticket(row)
+                entries = ops.queue_entries(session, ticket_ids=[ticket_id])
+                if not entries:
+                    return False
                 agents = ops.agent_states(session)
+            entry = entries[0]
             started = time.perf_counter()
-            choice = domain.choose_agent(ticket, agents, ops.now_utc(), self.settings.relax_skills_after_seconds)
+            choice = domain.choose_agent(entry.ticket, agents, ops.now_utc(), self.settings.relax_skills_after_seconds)
             metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
             if choice.winner is None:
-                self._note_queued(ticket_id, trigger, choice)
+                self._note_waiting([(entry, choice, trigger)])
                 return False
-            claim = self._claim(ticket, choice.winner, choice, trigger)
-            if claim is not None:
-                return self._deliver(claim, ticket_changes)
-            metrics.CLAIM_CONFLICTS.inc()
+            claims = self._claim_all([_Planned(entry.ticket, choice.winner, choice, trigger, entry.changes)])
+            if claims:
+                delivered, released = self._deliver_all(claims)
+                if released:
+                    self.request_dispatch("capacity_freed")
+                return delivered == 1
         return False
 
-    def _note_queued(self, ticket_id: str, trigger: str, choice: domain.Choice) -> None:
+    def _note_waiting(self, waiting: list) -> int:
+        """Record, once per queue entry, that nobody could take the ticket (a ``queued``
+        decision with every candidate, and ``ticket_queued``); then tell the tickets service
+        what the rules changed on those tickets, which no assignment carries for now.
+        ``waiting``: (QueueEntry, Choice, trigger) triples."""
+        noted = []
         with self.uow.transaction() as session:
-            ops.lock_ticket(session, ticket_id)
-            row = ops.get_routed(session, ticket_id, for_update=True)
-            if row is None or row.state != domain.QUEUED or row.queue_noted:
-                return
-            row.queue_noted = True
-            decision = ops.record_decision(session, row, trigger, "queued", choice,
-                                           detail="no eligible agent is free: waiting in the queue")
-            add_event(session, contract.SERVICE, contract.TICKET_QUEUED, {"ticket_id": ticket_id}, {
-                "ticket_id": ticket_id, "tier": row.tier, "trigger": trigger, "decision_id": decision.id,
-                "required_skills": list(row.required_skills)})
-            tier = row.tier
-        metrics.QUEUED.labels(tier, trigger).inc()
+            for entry, choice, trigger in sorted(waiting, key=lambda w: w[0].ticket.ticket_id):
+                ticket = entry.ticket
+                if not session.execute(
+                        update(RoutedTicket).where(RoutedTicket.ticket_id == ticket.ticket_id,
+                                                   RoutedTicket.state == domain.QUEUED,
+                                                   RoutedTicket.tier == ticket.tier,
+                                                   RoutedTicket.queue_noted.is_(False))
+                        .values(queue_noted=True)).rowcount:
+                    continue  # taken, noted or escalated meanwhile
+                decision = ops.new_decision(ticket.ticket_id, ticket.tier, sorted(ticket.required_skills), trigger,
+                                            "queued", choice, detail="no eligible agent is free: waiting in the queue")
+                session.add(decision)
+                add_event(session, contract.SERVICE, contract.TICKET_QUEUED, {"ticket_id": ticket.ticket_id}, {
+                    "ticket_id": ticket.ticket_id, "tier": ticket.tier, "trigger": trigger,
+                    "decision_id": decision.id, "required_skills": sorted(ticket.required_skills)})
+                noted.append((entry, trigger))
+        for entry, trigger in noted:
+            metrics.QUEUED.labels(entry.ticket.tier, trigger).inc()
+        self._deliver_changes([entry for entry, _ in noted if entry.changes])
+        return len(noted)
 
-    def _claim(self, ticket: domain.QueuedTicket, agent_id: str, choice: domain.Choice,
-               trigger: str) -> Claim | None:
-        ticket_id = ticket.ticket_id
+    def _deliver_changes(self, entries: list) -> None:
+        """The rules' changes of waiting tickets, each on its own (the assignment will not carry
+        them soon); cleared once the tickets service has them or refused them for good."""
+        done = []
+        for entry in entries:
+            try:
+                self.tickets.update_ticket(ops.SYSTEM_ACTOR, entry.ticket.ticket_id, entry.changes)
+            except HelpdeskError as refusal:  # closed or gone meanwhile: nothing left to tell
+                log.info("rules' changes %s not applied to %s: %s", entry.changes, entry.ticket.ticket_id, refusal)
+            except Exception as exc:  # no answer: the sweeper tries again
+                log.warning("rules' changes %s not delivered to %s yet: %r", entry.changes, entry.ticket.ticket_id, exc)
+                continue
+            done.append(entry.ticket.ticket_id)
+        if done:
+            with self.uow.transaction() as session:
+                session.execute(update(RoutedTicket).where(RoutedTicket.ticket_id.in_(done),
+                                                           RoutedTicket.state == domain.QUEUED)
+                                .values(pending_changes=None))
+
+    def _claim_all(self, planned: list) -> list:
+        """Claim each planned (ticket, agent) pair, all in one transaction: lock the tickets
+        (id order) and keep those still claimable (queued in the planned tier, unassigned,
+        active); take each agent's slots with one atomic UPDATE (``active_load + k <=
+        capacity``, online; agents in id order) and drop the tickets of an agent whose slots
+        are gone (another router, an assignment by hand, offline: they stay queued for the next
+        round); then mark the rest ``assigning`` and record the decisions. Locks are taken
+        ticket before agent, as the mirror does. Returns the claims that won."""
+        if not planned:
+            return []
         now = ops.now_utc()
-        decision_id = ops.new_id()
+        by_ticket = {step.ticket.ticket_id: step for step in planned}
+        claims = []
         try:
             with self.uow.transaction() as session:
-                # agent first: one atomic UPDATE takes a slot only if there is one (it holds the
-                # agent's row lock, or SQLite's write lock, until commit)
-                if not session.execute(
-                        update(Agent).where(Agent.id == agent_id, Agent.presence == "online",
-                                            Agent.active_load < Agent.capacity)
-                        .values(active_load=Agent.active_load + 1, claim_seq=Agent.claim_seq + 1,
-                                last_assigned_at=now)).rowcount:
-                    raise _LostRace()
-                # then the ticket, by compare-and-set: only a queued (hence active) ticket is taken
-                if not session.execute(
-                        update(RoutedTicket).where(RoutedTicket.ticket_id == ticket_id,
-                                                   RoutedTicket.state == domain.QUEUED,
-                                                   RoutedTicket.tier == ticket.tier,  # not escalated meanwhile
-                                                   RoutedTicket.assignee_id.is_(None),
-                                                   RoutedTicket.status.in_(contract.ACTIVE_STATUSES))
-                        .values(state=domain.ASSIGNING, assignee_id=agent_id, claim_decision_id=decision_id,
-                                claimed_at=now, updated_at=now)).rowcount:
-                    raise _LostRace()  # rolls the slot back too
-                # the row as route() read it: the compare-and-set above proved it is still queued in
-                # that tier (skills change only in triage, before a ticket is queued)
-                session.add(ops.new_decision(ticket_id, ticket.tier, sorted(ticket.required_skills), trigger,
-                                             "assigning", choice, agent_id, decision_id=decision_id))
-                claim = Claim(ticket_id, agent_id, decision_id, ticket.tier, trigger, ticket.created_at)
-        except _LostRace:
-            return None
+                claimable = [ticket_id for ticket_id, tier in ops.lock_claimable(session, by_ticket)
+                             if tier == by_ticket[ticket_id].ticket.tier]  # not escalated meanwhile
+                by_agent = defaultdict(list)
+                for ticket_id in claimable:
+                    by_agent[by_ticket[ticket_id].agent_id].append(ticket_id)
+                won = []
+                for agent_id in sorted(by_agent):
+                    if ops.take_slots(session, agent_id, len(by_agent[agent_id]), now):
+                        won.extend(by_ticket[ticket_id] for ticket_id in by_agent[agent_id])
+                if won:
+                    claims = [Claim(step.ticket.ticket_id, step.agent_id, ops.new_id(), step.ticket.tier,
+                                    step.trigger, step.ticket.created_at, step.changes) for step in won]
+                    ops.mark_claimed(session, [(c.ticket_id, c.agent_id, c.decision_id) for c in claims], now)
+                    # the ticket as the plan read it: the lock proved it is still queued in that tier
+                    # (skills change only in triage, before a ticket is queued)
+                    ops.insert_decisions(session, [
+                        ops.decision_values(step.ticket.ticket_id, step.ticket.tier,
+                                            sorted(step.ticket.required_skills), step.trigger, "assigning",
+                                            step.choice, step.agent_id, decision_id=claim.decision_id)
+                        for step, claim in zip(won, claims)])
         except OperationalError as exc:  # a deadlock or lock timeout: the transaction rolled back
-            log.info("claim of %s for %s lost to database contention: %s", ticket_id, agent_id, exc)
-            return None
-        return claim
+            log.info("claim of %d tickets lost to database contention: %s", len(planned), exc)
+            claims = []
+        if len(claims) < len(planned):
+            metrics.CLAIM_CONFLICTS.inc(len(planned) - len(claims))
+        return claims
 
-    def _deliver(self, claim: Claim, ticket_changes: dict | None = None) -> bool:
+    def _deliver_all(self, claims: list) -> tuple:
+        """Tell the tickets service about each claim and confirm them. Returns (delivered,
+        released)."""
+        deliveries = _Deliveries(self, DELIVERY_CONCURRENCY)
+        deliveries.submit(claims)
+        return deliveries.wait()
+
+    def _deliver_one(self, claim: Claim):
+        """The tickets service's view after the assignment; _RELEASED when it refused; None when
+        it did not answer (the sweeper re-drives the claim: the assign RPC is idempotent)."""
         try:
-            if ticket_changes:
-                view = self.tickets.update_ticket(ops.SYSTEM_ACTOR, claim.ticket_id, {
-                    **ticket_changes, "assignee_id": claim.agent_id, "group": claim.tier})
-            else:
-                view = self.tickets.assign_ticket(ops.SYSTEM_ACTOR, claim.ticket_id, claim.agent_id, claim.tier)
+            if claim.changes:
+                return self.tickets.update_ticket(ops.SYSTEM_ACTOR, claim.ticket_id, {
+                    **claim.changes, "assignee_id": claim.agent_id, "group": claim.tier})
+            return self.tickets.assign_ticket(ops.SYSTEM_ACTOR, claim.ticket_id, claim.agent_id, claim.tier)
         except HelpdeskError as refusal:  # closed, gone: the slot goes back
             self._release(claim, f"the tickets service refused the assignment: {refusal}")
-            return False
-        except Exception as exc:  # no answer: the sweeper re-drives the claim
+            return _RELEASED
+        except Exception as exc:
             log.warning("assignment of %s to %s not delivered yet: %r", claim.ticket_id, claim.agent_id, exc)
-            return False
-        self._confirm(claim, view)
-        return True
+            return None
 
-    def _confirm(self, claim: Claim, view: dict) -> None:
+    def _confirm_all(self, delivered: list) -> None:
+        """``assigning -> assigned`` for each delivered claim, once (a compare-and-set on its
+        decision row), with the tickets service's answer mirrored and ``ticket_routed``."""
+        if not delivered:
+            return
+        confirmed, versions = [], {}
         with self.uow.transaction() as session:
-            confirmed = session.execute(update(Decision).where(Decision.id == claim.decision_id,
-                                                               Decision.outcome == "assigning")
-                                        .values(outcome="assigned")).rowcount
-            if not confirmed:
-                return
-            row = ops.get_routed(session, claim.ticket_id, for_update=True)
-            if row.claim_decision_id == claim.decision_id and row.state == domain.ASSIGNING:
-                row.state = domain.IDLE if row.status in domain.FINISHED_STATUSES else domain.ASSIGNED
-                row.queued_at = row.queue_trigger = None
-            ops.apply_snapshot(session, view, row)
-            waited = max(0.0, (ops.now_utc() - claim.ticket_created_at).total_seconds())
-            add_event(session, contract.SERVICE, contract.TICKET_ROUTED, {"ticket_id": claim.ticket_id}, {
-                "ticket_id": claim.ticket_id, "agent_id": claim.agent_id, "tier": claim.tier,
-                "trigger": claim.trigger, "decision_id": claim.decision_id, "waited_seconds": round(waited, 3)})
-        metrics.ASSIGNMENTS.labels(claim.tier, claim.trigger).inc()
-        metrics.TIME_TO_ASSIGNMENT.labels(claim.tier).observe(waited)
+            rows = ops.lock_tickets(session, [claim.ticket_id for claim, _ in delivered])
+            # once per claim: a re-delivery by the sweeper, or a release meanwhile, confirms nothing
+            won = ops.confirm_decisions(session, [claim.decision_id for claim, _ in delivered])
+            for claim, view in sorted(delivered, key=lambda d: d[0].ticket_id):
+                if claim.decision_id not in won:
+                    continue
+                row = rows[claim.ticket_id]
+                if row.claim_decision_id == claim.decision_id and row.state == domain.ASSIGNING:
+                    row.state = domain.IDLE if row.status in domain.FINISHED_STATUSES else domain.ASSIGNED
+                    row.queued_at = row.queue_trigger = None
+                    if claim.changes:
+                        row.pending_changes = None
+                ops.apply_snapshot(session, view, row, flush=False)
+                waited = max(0.0, (ops.now_utc() - claim.ticket_created_at).total_seconds())
+                add_event(session, contract.SERVICE, contract.TICKET_ROUTED, {"ticket_id": claim.ticket_id}, {
+                    "ticket_id": claim.ticket_id, "agent_id": claim.agent_id, "tier": claim.tier,
+                    "trigger": claim.trigger, "decision_id": claim.decision_id, "waited_seconds": round(waited, 3)})
+                confirmed.append((claim, waited))
+                versions[claim.ticket_id] = row.ticket_version
+        for ticket_id, version in versions.items():
+            ops.remember_committed_version(ticket_id, version)
+        for claim, waited in confirmed:
+            metrics.ASSIGNMENTS.labels(claim.tier, claim.trigger).inc()
+            metrics.TIME_TO_ASSIGNMENT.labels(claim.tier).observe(waited)
 
     def _release(self, claim: Claim, reason: str) -> None:
+        """A refused claim gives its slot back; the caller drains again."""
         with self.uow.transaction() as session:
+            ops.lock_ticket(session, claim.ticket_id)
             released = session.execute(update(Decision).where(Decision.id == claim.decision_id,
                                                               Decision.outcome == "assigning")
                                        .values(outcome="released", detail=reason[:1000])).rowcount
@@ -314,9 +445,32 @@ class Router:
                 row.state, row.queued_at, row.queue_trigger = domain.IDLE, None, None
         metrics.RELEASED.inc()
         log.info("claim of %s for %s released: %s", claim.ticket_id, claim.agent_id, reason)
-        self.drain_for_agent(claim.agent_id, "capacity_freed")
 
     # --- many tickets --------------------------------------------------------------------------
+
+    def dispatch(self, trigger: str = "sweep") -> int:
+        """Route what waits: assign queued tickets to free agents in queue order (in batches),
+        then record, once each, the tickets nobody can take. The service's dispatcher runs this
+        whenever a change may have made something routable; the sweeper as a safety net.
+        ``trigger``: why, for tickets that had already waited. Returns how many were assigned."""
+        assigned = self.drain(contract.TIERS, trigger)
+        self.note_waiting()
+        return assigned
+
+    def note_waiting(self) -> int:
+        with self.uow.read() as session:
+            entries = ops.queue_entries(session, unnoted_only=True)
+            if not entries:
+                return 0
+            agents = ops.agent_states(session)
+        now = ops.now_utc()
+        waiting = []
+        for entry in entries:
+            choice = domain.choose_agent(entry.ticket, agents, now, self.settings.relax_skills_after_seconds)
+            # someone can take it now: a slot freed meanwhile, and that change woke a dispatch
+            if choice.winner is None:
+                waiting.append((entry, choice, entry.trigger or "sweep"))
+        return self._note_waiting(waiting) if waiting else 0
 
     def drain_for_agent(self, agent_id: str, trigger: str) -> int:
         with self.uow.read() as session:
@@ -325,46 +479,61 @@ class Router:
 
     def drain(self, tiers, trigger: str) -> int:
         """Assign queued tickets of ``tiers`` to free agents, in queue order, until one of the
-        two runs out. Returns how many were assigned."""
-        assigned = 0
-        lost = set()  # tickets another router (or a change) took from under this drain
+        two runs out. Each round plans from one read of the agents and the queue and claims the
+        plan CLAIM_BATCH tickets per transaction; the claims are delivered (a few at a time)
+        and confirmed (in batches) while the next round plans, as a claimed ticket is no longer
+        queued and its slot is already taken. A ticket's decision carries its own queue
+        trigger (created, reopened, escalated...) the first time it is tried, ``trigger`` once
+        it has waited. Returns how many were assigned."""
+        deliveries = _Deliveries(self, DELIVERY_CONCURRENCY)
         for _ in range(MAX_DRAIN_ROUNDS):
-            with self.uow.read() as session:
-                agents = ops.agent_states(session)
-                # nobody free in these tiers (the usual case with a long queue): skip reading it
-                if not any(a.presence == "online" and a.load < a.capacity and a.tiers & set(tiers)
-                           for a in agents):
-                    return assigned
-                queue = [t for t in ops.queued_tickets(session, tiers) if t.ticket_id not in lost]
-                if not queue:
-                    return assigned
-            now = ops.now_utc()
-            plan = domain.plan_drain(queue, agents, now, self.settings.aging_seconds,
-                                     self.settings.relax_skills_after_seconds)
-            if not plan.assignments:
-                return assigned
-            by_id = {agent.id: agent for agent in agents}
-            lost_a_race = False
-            for planned in plan.assignments:
+            if self._drain_round(tiers, trigger, deliveries):
+                continue  # read again: what arrived meanwhile, or what a lost race left
+            released = deliveries.released
+            deliveries.wait()
+            if deliveries.released == released:
+                break  # nothing to claim, and no refused delivery gave a slot back meanwhile
+        return deliveries.wait()[0]
+
+    def _drain_round(self, tiers, trigger: str, deliveries: "_Deliveries") -> bool:
+        """One read, one plan, its claims handed to ``deliveries``. True when it claimed
+        something or lost a race (another round may find more)."""
+        relax = self.settings.relax_skills_after_seconds
+        with self.uow.read() as session:
+            agents = ops.agent_states(session)
+            # nobody free in these tiers (the usual case with a long queue): skip reading it
+            if not any(a.presence == "online" and a.load < a.capacity and a.tiers & set(tiers) for a in agents):
+                return False
+            entries = ops.queue_entries(session, tiers)
+        if not entries:
+            return False
+        now = ops.now_utc()
+        plan = domain.plan_drain([entry.ticket for entry in entries], agents, now, self.settings.aging_seconds, relax)
+        by_ticket = {entry.ticket.ticket_id: entry for entry in entries}
+        by_id = {agent.id: agent for agent in agents}
+        # the whole plan, a batch at a time, without reading the queue again: claims are
+        # compare-and-set, so a ticket or a slot taken meanwhile only ends the plan early
+        for first in range(0, len(plan.assignments), CLAIM_BATCH):
+            planned = []
+            for step in plan.assignments[first:first + CLAIM_BATCH]:
                 # the recorded explanation uses the loads as the plan had them at this step
-                choice = domain.choose_agent(planned.ticket, by_id.values(), now,
-                                             self.settings.relax_skills_after_seconds)
-                if choice.winner != planned.agent_id:  # cannot happen unless the plan and chooser disagree
-                    log.error("drain plan chose %s, chooser %s", planned.agent_id, choice.winner)
-                claim = self._claim(planned.ticket, planned.agent_id, choice, trigger)
-                if claim is None:
-                    metrics.CLAIM_CONFLICTS.inc()
-                    lost.add(planned.ticket.ticket_id)
-                    lost_a_race = True
-                    break
-                agent = by_id[planned.agent_id]
+                started = time.perf_counter()
+                choice = domain.choose_agent(step.ticket, by_id.values(), now, relax)
+                metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+                if choice.winner != step.agent_id:  # cannot happen unless the plan and chooser disagree
+                    log.error("drain plan chose %s, chooser %s", step.agent_id, choice.winner)
+                agent = by_id[step.agent_id]
                 by_id[agent.id] = domain.AgentState(agent.id, agent.tiers, agent.skills, agent.presence,
                                                     agent.capacity, agent.load + 1, now)
-                if self._deliver(claim):
-                    assigned += 1
-            if not lost_a_race:
-                return assigned
-        return assigned
+                entry = by_ticket[step.ticket.ticket_id]
+                planned.append(_Planned(step.ticket, step.agent_id, choice,
+                                        entry.trigger if entry.trigger and not entry.noted else trigger,
+                                        entry.changes))
+            claims = self._claim_all(planned)
+            deliveries.submit(claims)
+            if len(claims) < len(planned):
+                return True
+        return bool(plan.assignments)
 
     # --- agents --------------------------------------------------------------------------------
 
@@ -481,19 +650,23 @@ class Router:
     # --- the safety net ------------------------------------------------------------------------
 
     def sweep(self) -> dict:
-        """Finish what crashes or lost races left: stale claims and triages, unnoted queue
-        entries, then drain every tier. Safe on any number of replicas at once."""
+        """Finish what crashes or lost races left: stale claims and triages, rules' changes not
+        delivered, tickets held by offline agents; then dispatch every tier. Safe on any number
+        of replicas at once."""
         stale_before = ops.now_utc() - timedelta(seconds=self.settings.retry_after_seconds)
         with self.uow.read() as session:
-            stale_claims = list(session.execute(
+            stale_claims = [Claim(ticket_id, agent_id, decision_id, tier, trigger, created_at, changes or None)
+                            for ticket_id, agent_id, decision_id, tier, created_at, trigger, changes
+                            in session.execute(
                 select(RoutedTicket.ticket_id, RoutedTicket.assignee_id, RoutedTicket.claim_decision_id,
-                       RoutedTicket.tier, RoutedTicket.ticket_created_at, Decision.trigger)
+                       RoutedTicket.tier, RoutedTicket.ticket_created_at, Decision.trigger,
+                       RoutedTicket.pending_changes)
                 .join(Decision, Decision.id == RoutedTicket.claim_decision_id)
-                .where(RoutedTicket.state == domain.ASSIGNING, RoutedTicket.claimed_at < stale_before)).all())
+                .where(RoutedTicket.state == domain.ASSIGNING, RoutedTicket.claimed_at < stale_before))]
             stale_triage = list(session.scalars(select(RoutedTicket.ticket_id).where(
                 RoutedTicket.state == domain.TRIAGE, RoutedTicket.queued_at < stale_before)))
-            unnoted = list(session.execute(select(RoutedTicket.ticket_id, RoutedTicket.queue_trigger).where(
-                RoutedTicket.state == domain.QUEUED, RoutedTicket.queue_noted.is_(False))).all())
+            # waiting tickets whose rules' changes did not reach tickets when they were noted
+            undelivered = ops.queue_entries(session, noted_with_changes_before=stale_before)
             # held by an agent who went offline, where the requeue did not reach tickets
             orphaned = [] if self.settings.offline_policy != "requeue" else list(session.scalars(
                 select(RoutedTicket.ticket_id).join(Agent, Agent.id == RoutedTicket.assignee_id).where(
@@ -503,16 +676,14 @@ class Router:
         for ticket_id in orphaned:
             self.unassign_and_route(ticket_id, "requeued")
         self._reconcile_loads_now_and_then()
-        for ticket_id, agent_id, decision_id, tier, created_at, trigger in stale_claims:
-            self._deliver(Claim(ticket_id, agent_id, decision_id, tier, trigger, created_at))
+        self._deliver_all(stale_claims)
         for ticket_id in stale_triage:
             self.triage(ticket_id)
-        for ticket_id, trigger in unnoted:
-            self.route(ticket_id, trigger or "sweep")
-        assigned = self.drain(contract.TIERS, "sweep")
+        self._deliver_changes(undelivered)
+        # the dispatcher's own round (never two at once in this process); inline without one
+        self.request_dispatch("sweep")
         self.refresh_metrics()
-        return {"redelivered": len(stale_claims), "triaged": len(stale_triage), "requeued": len(orphaned),
-                "assigned": assigned}
+        return {"redelivered": len(stale_claims), "triaged": len(stale_triage), "requeued": len(orphaned)}
 
     def _reconcile_loads_now_and_then(self) -> None:
         global _last_reconcile

@@ -18,6 +18,7 @@ from servicekit.events import AfterCommit, handles_event_once
 from servicekit.metrics import EntrypointMetrics
 from servicekit.probes import ServiceProbes
 from services.routing import domain, operations as ops
+from services.routing.dispatcher import DispatchRequests, dispatcher
 from services.routing.router import Router, RoutingSettings
 
 _skill_schema = contract.SkillRequest()
@@ -42,6 +43,13 @@ def _snapshot_held(service, session, body) -> bool:
     if not isinstance(snapshot["id"], str) or type(snapshot["version"]) is not int:
         return False
     return ops.snapshot_is_stale(session, snapshot)
+
+
+def _snapshot_known_stale(body) -> bool:
+    """The same question from memory, before a worker is spawned: routing's own assignment
+    confirmations remember the version they committed, and their echoes stop here."""
+    snapshot = body["payload"]["ticket"]
+    return type(snapshot["version"]) is int and ops.snapshot_known_stale(snapshot)
 
 
 class TicketsPort:
@@ -90,10 +98,12 @@ class RoutingService(ServiceProbes):
     tickets = RpcProxy(tickets_contract.SERVICE, expiration=30, delivery_mode=NON_PERSISTENT)
     self_rpc = RpcProxy(contract.SERVICE, delivery_mode=NON_PERSISTENT)
     policy = RoutingPolicy()
+    wake_dispatcher = DispatchRequests()
 
     @property
     def router(self) -> Router:
-        return Router(self.db, TicketsPort(self.tickets, self.policy.rpc_timeout), self.policy.settings)
+        return Router(self.db, TicketsPort(self.tickets, self.policy.rpc_timeout), self.policy.settings,
+                      wake=self.wake_dispatcher)
 
     # --- skills ---------------------------------------------------------------------------------
 
@@ -210,22 +220,23 @@ class RoutingService(ServiceProbes):
         return AfterCommit(self.router.follow_up, row.ticket_id, change)
 
     @handles_event_once(tickets_contract.SERVICE, tickets_contract.TICKET_CREATED, already_applied=_snapshot_held,
-                        payload_schema=tickets_contract.TicketCreatedPayload)
+                        known_stale=_snapshot_known_stale, payload_schema=tickets_contract.TicketCreatedPayload)
     def on_ticket_created(self, session, envelope):
         return self._mirror(session, envelope)
 
     @handles_event_once(tickets_contract.SERVICE, tickets_contract.TICKET_UPDATED, already_applied=_snapshot_held,
-                        payload_schema=tickets_contract.TicketUpdatedPayload)
+                        known_stale=_snapshot_known_stale, payload_schema=tickets_contract.TicketUpdatedPayload)
     def on_ticket_updated(self, session, envelope):
         return self._mirror(session, envelope)
 
-    @handles_event_once(tickets_contract.SERVICE, tickets_contract.TICKET_STATUS_CHANGED, already_applied=_snapshot_held,
+    @handles_event_once(tickets_contract.SERVICE, tickets_contract.TICKET_STATUS_CHANGED,
+                        already_applied=_snapshot_held, known_stale=_snapshot_known_stale,
                         payload_schema=tickets_contract.TicketStatusChangedPayload)
     def on_ticket_status_changed(self, session, envelope):
         return self._mirror(session, envelope)
 
     @handles_event_once(tickets_contract.SERVICE, tickets_contract.TICKET_ASSIGNED, already_applied=_snapshot_held,
-                        payload_schema=tickets_contract.TicketAssignedPayload)
+                        known_stale=_snapshot_known_stale, payload_schema=tickets_contract.TicketAssignedPayload)
     def on_ticket_assigned(self, session, envelope):
         return self._mirror(session, envelope)
 
@@ -246,6 +257,12 @@ class RoutingService(ServiceProbes):
             self.router.escalate(SLA_ACTOR, ticket_id, f"SLA {target} target breached", trigger="sla_breach")
         except Exception as exc:  # at L3 already, closed, unknown: nothing to do
             log.info("no escalation of %s on SLA breach: %s", ticket_id, exc)
+
+    # --- assignment: queued tickets to free agents, one round at a time -------------------------
+
+    @dispatcher
+    def dispatch(self, trigger):
+        self.router.dispatch(trigger)
 
     # --- the safety net -------------------------------------------------------------------------
 

@@ -607,3 +607,134 @@ def test_escalating_a_queued_ticket_changes_only_its_group_at_tickets(routing, t
     assert tickets.tickets[ticket["id"]]["assignee_id"] == "lee"
     assert tickets.tickets[ticket["id"]]["group"] == "L2"
     assert routing.row(ticket["id"])["tier"] == "L2" and routing.load("lee") == 1
+
+
+# --- batches: the dispatcher's drain ---------------------------------------------------------------
+
+ADMIN_ACTOR = ops.Actor("admin-1", "admin")
+
+
+def _rule(routing, **actions):
+    with routing.uow.transaction() as session:
+        ops.create_rule(session, ADMIN_ACTOR, contract.RuleRequest().load({
+            "name": "VPN", "conditions": [{"field": "subject", "operator": "contains_any", "value": ["vpn"]}],
+            "actions": actions}))
+
+
+def test_a_burst_waiting_for_agents_is_assigned_in_queue_order_within_capacity(routing, tickets):
+    routing.agent("ann", capacity=3, presence="offline")
+    routing.agent("bob", capacity=3, presence="offline")
+    burst = [tickets.create() for _ in range(8)]
+    routing.pump()
+    assert {routing.state(t["id"]) for t in burst} == {"queued"}
+    routing.presence("ann", "online")
+    routing.presence("bob", "online")
+    routing.pump()
+    assigned = [t for t in burst if tickets.tickets[t["id"]]["assignee_id"]]
+    # the six oldest, three each; the two newest wait
+    assert [t["id"] for t in assigned] == [t["id"] for t in burst[:6]]
+    assert routing.load("ann") == routing.load("bob") == 3
+    assert [routing.state(t["id"]) for t in burst[6:]] == ["queued", "queued"]
+    for ticket in assigned:  # one claim, one confirmation, one event each
+        assert [o for o, _ in routing.outcomes(ticket["id"])] == ["queued", "assigned"]
+        assert len(routing.events(contract.TICKET_ROUTED, ticket["id"])) == 1
+        assert len(tickets.assign_calls(ticket["id"])) == 1
+
+
+def test_an_agent_whose_slots_went_meanwhile_keeps_none_of_the_batch(routing, tickets, routing_uow):
+    from sqlalchemy import update
+    from services.routing import domain
+    from services.routing.models import Agent
+    from services.routing.router import _Planned
+
+    routing.agent("ann", capacity=3, presence="offline")
+    routing.agent("bob", capacity=3, presence="offline")
+    first, second, third = tickets.create(), tickets.create(), tickets.create()
+    routing.pump()
+    with routing_uow.transaction() as session:
+        session.execute(update(Agent).values(presence="online"))
+        entries = {e.ticket.ticket_id: e for e in ops.queue_entries(session)}
+        # ann takes two slots elsewhere after the plan was made: only one is left for two claims
+        session.execute(update(Agent).where(Agent.id == "ann").values(active_load=2))
+    choice = domain.Choice(winner=None, candidates=(), skills_relaxed=False, not_in_tier=0)
+    plan = [_Planned(entries[first["id"]].ticket, "ann", choice, "created", None),
+            _Planned(entries[second["id"]].ticket, "ann", choice, "created", None),
+            _Planned(entries[third["id"]].ticket, "bob", choice, "created", None)]
+    claims = routing.router._claim_all(plan)
+    assert [(c.ticket_id, c.agent_id) for c in claims] == [(third["id"], "bob")]
+    assert routing.state(first["id"]) == routing.state(second["id"]) == "queued"
+    assert routing.state(third["id"]) == "assigning"
+    assert routing.load("ann") == 2 and routing.load("bob") == 1
+
+
+def test_a_claim_never_takes_a_ticket_that_left_the_queue_after_the_plan(routing, tickets, routing_uow):
+    from sqlalchemy import update
+    from services.routing import domain
+    from services.routing.router import _Planned
+
+    routing.agent("ann", capacity=3, presence="offline")
+    first, second = tickets.create(), tickets.create()
+    routing.pump()
+    with routing_uow.transaction() as session:
+        entries = {e.ticket.ticket_id: e for e in ops.queue_entries(session)}
+        session.execute(update(RoutedTicket).where(RoutedTicket.ticket_id == second["id"]).values(tier="L2"))
+    routing.presence("ann", "online")  # drains the first
+    choice = domain.Choice(winner=None, candidates=(), skills_relaxed=False, not_in_tier=0)
+    stale_plan = [_Planned(entries[t["id"]].ticket, "ann", choice, "created", None) for t in (first, second)]
+    assert routing.router._claim_all(stale_plan) == []  # one assigned already, one escalated
+    assert routing.load("ann") == 1
+
+
+def test_the_rules_changes_ride_with_the_assignment_in_one_call(routing, tickets):
+    _rule(routing, set_category="network", raise_priority="high")
+    routing.agent("ann")
+    ticket = tickets.create(subject="VPN down")
+    routing.pump()
+    calls = [c for c in tickets.calls if c[0] in ("assign_ticket", "update_ticket")]
+    assert calls == [("update_ticket", ticket["id"], {"category": "network", "priority": "high",
+                                                      "assignee_id": "ann", "group": "L1"})]
+    with routing.uow.read() as session:
+        assert session.get(RoutedTicket, ticket["id"]).pending_changes is None
+
+
+def test_the_rules_changes_of_a_ticket_that_waits_reach_tickets_on_their_own(routing, tickets):
+    _rule(routing, set_category="network")
+    ticket = tickets.create(subject="VPN down")  # nobody online
+    routing.pump()
+    assert tickets.tickets[ticket["id"]]["category"] == "network"
+    assert routing.state(ticket["id"]) == "queued"
+    with routing.uow.read() as session:
+        assert session.get(RoutedTicket, ticket["id"]).pending_changes is None
+    routing.agent("ann")
+    routing.pump()
+    assert tickets.assign_calls(ticket["id"]) == [(ticket["id"], "ann", "L1")]
+
+
+def test_rules_changes_not_delivered_while_waiting_are_delivered_by_the_sweeper(routing_uow, tickets):
+    routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=0.0))
+    _rule(routing, set_category="network")
+    ticket = tickets.create(subject="VPN down")
+    tickets.refusals[("update_ticket", ticket["id"])] = [TimeoutError("no answer")]
+    routing.pump()
+    assert tickets.tickets[ticket["id"]]["category"] is None
+    with routing_uow.read() as session:
+        assert session.get(RoutedTicket, ticket["id"]).pending_changes == {"category": "network"}
+    routing.router.sweep()
+    assert tickets.tickets[ticket["id"]]["category"] == "network"
+    with routing_uow.read() as session:
+        assert session.get(RoutedTicket, ticket["id"]).pending_changes is None
+
+
+def test_a_rule_changed_applies_to_the_next_ticket(routing, tickets):
+    _rule(routing, set_category="network")
+    first = tickets.create(subject="VPN down")
+    routing.pump()
+    with routing.uow.transaction() as session:
+        rule = ops.list_rules(session, ADMIN_ACTOR)["items"][0]
+        ops.update_rule(session, ADMIN_ACTOR, rule["id"], contract.RuleRequest().load({
+            "name": "VPN", "conditions": [{"field": "subject", "operator": "contains_any", "value": ["vpn"]}],
+            "actions": {"set_category": "remote-access"}}), rule["version"])
+    second = tickets.create(subject="VPN again")
+    routing.pump()
+    assert tickets.tickets[first["id"]]["category"] == "network"
+    assert tickets.tickets[second["id"]]["category"] == "remote-access"

@@ -61,7 +61,10 @@ def tickets():
 @pytest.fixture
 def service(uow, tickets):
     policy = SimpleNamespace(settings=RoutingSettings(), rpc_timeout=1)
-    return worker_factory(RoutingService, db=uow, tickets=tickets, policy=policy)
+    service = worker_factory(RoutingService, db=uow, tickets=tickets, policy=policy)
+    # the dispatcher entrypoint runs at once here, instead of in its own worker soon after
+    service.wake_dispatcher = service.dispatch
+    return service
 
 
 def snapshot(ticket_id, version=1, status="new", assignee_id=None, group=None, priority="normal"):

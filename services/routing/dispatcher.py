@@ -1,0 +1,106 @@
+"""The dispatcher: one worker at a time routes what is queued, woken by the changes that may
+have made something routable.
+
+Ticket event handlers only mirror the change and queue the ticket; they wake the dispatcher
+and return. Tickets arriving while a dispatch round runs are taken together by the next one,
+so under load routing reads the agents and the queue once, and claims and confirms a batch of
+tickets in one transaction each, instead of once per ticket.
+
+    class RoutingService:
+        wake_dispatcher = DispatchRequests()
+
+        @dispatcher
+        def dispatch(self, trigger): ...
+
+``wake_dispatcher(trigger)`` never blocks; wakes while a round runs are merged into one more
+round. A lost wake costs at most the sweeper's interval: the sweeper dispatches too.
+"""
+import logging
+
+from eventlet.event import Event
+from eventlet.queue import Empty, LightQueue
+from nameko.extensions import DependencyProvider, Entrypoint, SharedExtension
+
+log = logging.getLogger(__name__)
+
+# why a dispatch runs when several wakes were merged: the first one's reason
+DEFAULT_TRIGGER = "sweep"
+
+
+class DispatchSignal(SharedExtension):
+    """The wake-up shared by the entrypoint and the dependency of one container."""
+
+    def setup(self):
+        self._wakes = LightQueue(maxsize=1)
+        self._trigger = None
+
+    def wake(self, trigger: str = DEFAULT_TRIGGER) -> None:
+        if self._trigger is None:
+            self._trigger = trigger
+        try:
+            self._wakes.put_nowait(None)
+        except Exception:  # Full: a round is already due, it will see this change too
+            pass
+
+    def wait(self, timeout: float) -> str | None:
+        """The trigger of the next round, or None if nothing woke it within ``timeout``."""
+        try:
+            self._wakes.get(timeout=timeout)
+        except Empty:
+            return None
+        trigger, self._trigger = self._trigger or DEFAULT_TRIGGER, None
+        return trigger
+
+
+class Dispatcher(Entrypoint):
+    """Runs the decorated method (``trigger`` as its argument) in a worker each time the
+    service is woken, never two at once."""
+
+    signal = DispatchSignal()
+
+    def __init__(self, poll_seconds: float = 1.0, **kwargs):
+        # how often the loop looks at its stop flag while nobody wakes it
+        self.poll_seconds = poll_seconds
+        self.gt = None
+        self._stopping = False
+        self._worker_done = Event()
+        super().__init__(**kwargs)
+
+    def start(self):
+        self.gt = self.container.spawn_managed_thread(self._run, identifier="routing_dispatcher")
+
+    def stop(self):
+        self._stopping = True
+        self.signal.wake()
+        if self.gt is not None:
+            self.gt.wait()
+
+    def kill(self):
+        if self.gt is not None:
+            self.gt.kill()
+
+    def _run(self):
+        while not self._stopping:
+            trigger = self.signal.wait(self.poll_seconds)
+            if trigger is None or self._stopping:
+                continue
+            self.container.spawn_worker(self, (trigger,), {}, handle_result=self._handle_result)
+            self._worker_done.wait()
+            self._worker_done.reset()
+
+    def _handle_result(self, worker_ctx, result, exc_info):
+        # a failed round is logged by the container; the next wake or the sweeper tries again
+        self._worker_done.send()
+        return result, exc_info
+
+
+class DispatchRequests(DependencyProvider):
+    """``self.wake_dispatcher(trigger)`` in a service: ask for a dispatch round soon."""
+
+    signal = DispatchSignal()
+
+    def get_dependency(self, worker_ctx):
+        return self.signal.wake
+
+
+dispatcher = Dispatcher.decorator

@@ -1,0 +1,78 @@
+"""The routing dispatcher (services/routing/dispatcher.py) in a real nameko container (it needs
+no broker), and the event handler's in-memory staleness check (servicekit/events.py) that lets
+routing ack the echoes of its own assignments without a worker."""
+from unittest.mock import Mock
+
+import eventlet
+from nameko.containers import ServiceContainer
+from nameko.testing.utils import get_extension
+
+from servicekit.events import ReliableEventHandler
+from services.routing.dispatcher import DispatchRequests, DispatchSignal, dispatcher
+
+
+class Recorder:
+    name = "recorder"
+    wake = DispatchRequests()
+    rounds = []
+
+    @dispatcher(poll_seconds=0.05)
+    def dispatch(self, trigger):
+        Recorder.rounds.append(trigger)
+        eventlet.sleep(0.1)  # a round takes a while: wakes meanwhile are merged into one more
+
+
+def test_wakes_while_a_round_runs_merge_into_one_more_round_with_the_first_reason():
+    Recorder.rounds = []
+    container = ServiceContainer(Recorder, {})
+    container.start()
+    try:
+        signal = get_extension(container, DispatchSignal)
+        signal.wake("created")
+        eventlet.sleep(0.02)  # the first round is running
+        for trigger in ("capacity_freed", "created", "agent_online"):
+            signal.wake(trigger)
+        eventlet.sleep(0.4)
+        assert Recorder.rounds == ["created", "capacity_freed"]
+        eventlet.sleep(0.2)
+        assert len(Recorder.rounds) == 2, "no round without a wake"
+    finally:
+        container.stop()
+
+
+def test_the_dependency_wakes_the_same_container_and_stop_ends_the_loop():
+    Recorder.rounds = []
+    container = ServiceContainer(Recorder, {})
+    container.start()
+    try:
+        dependency = get_extension(container, DispatchRequests)
+        dependency.get_dependency(Mock())("sweep")
+        eventlet.sleep(0.2)
+        assert Recorder.rounds == ["sweep"]
+    finally:
+        with eventlet.Timeout(2):  # stopping does not wait for a wake that never comes
+            container.stop()
+
+
+def _handler(check):
+    handler = ReliableEventHandler("tickets", "ticket_updated", stale_without_worker=check)
+    handler.container = Mock(service_name="routing")
+    handler.method_name = "on_ticket_updated"
+    handler.queue_consumer = Mock()
+    return handler
+
+
+def test_an_event_known_stale_in_memory_is_acked_without_a_worker():
+    handler = _handler(lambda body: body["payload"]["ticket"]["version"] <= 3)
+    message = Mock(headers={})
+    handler.handle_message({"payload": {"ticket": {"version": 2}}}, message)
+    handler.queue_consumer.ack_message.assert_called_once_with(message)
+    handler.container.spawn_worker.assert_not_called()
+
+
+def test_an_event_not_known_stale_or_unreadable_goes_to_a_worker():
+    handler = _handler(lambda body: body["payload"]["ticket"]["version"] <= 3)
+    for body in ({"payload": {"ticket": {"version": 4}}}, {"payload": "not a dict"}, {}):
+        handler.handle_message(body, Mock(headers={}))
+    assert handler.container.spawn_worker.call_count == 3
+    handler.queue_consumer.ack_message.assert_not_called()
