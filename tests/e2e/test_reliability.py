@@ -89,7 +89,10 @@ def test_ticket_created_during_a_broker_outage_is_announced_once_it_returns(stac
     wait_until(lambda: _metric(stack, "helpdesk_outbox_pending_events") == 0, timeout=10,
                message="the outbox drained")
     seen.extend(_ticket_created_messages(amqp, created_events))
-    assert len(seen) == 1, seen
+    # the relay publishes at least once: a batch whose confirm was lost while the connection
+    # came back is published again (seen once in CI), and consumers drop it by event_id. What
+    # must hold is one event, not a second one: every delivery carries the same event_id.
+    assert len({p["event_id"] for p, _ in seen}) == 1, seen
     payload, headers = seen[0]
     assert payload["event_type"] == TICKET_CREATED and payload["source"] == "tickets"
     assert payload["subject_ids"] == {"ticket_id": ticket["id"]}
