@@ -84,15 +84,22 @@ def test_ticket_created_during_a_broker_outage_is_announced_once_it_returns(stac
     finally:
         stack.proxy.start()  # the same port: the relay's configured URI works again
 
-    wait_until(lambda: seen.extend(_ticket_created_messages(amqp, created_events)) or seen,
-               timeout=25, interval=0.2, message="ticket_created after the broker returned\n" + stack.logs())
+    def announced():
+        seen.extend(_ticket_created_messages(amqp, created_events))
+        return any(p["subject_ids"]["ticket_id"] == ticket["id"] for p, _ in seen)
+
+    wait_until(announced, timeout=25, interval=0.2,
+               message="ticket_created after the broker returned\n" + stack.logs())
     wait_until(lambda: _metric(stack, "helpdesk_outbox_pending_events") == 0, timeout=10,
                message="the outbox drained")
     seen.extend(_ticket_created_messages(amqp, created_events))
-    # the relay publishes at least once: a batch whose confirm was lost while the connection
-    # came back is published again (seen once in CI), and consumers drop it by event_id. What
-    # must hold is one event, not a second one: every delivery carries the same event_id.
-    assert len({p["event_id"] for p, _ in seen}) == 1, seen
+    # the relay publishes at least once: the warm-up's batch, seen by this test just before the
+    # proxy stopped, may have lost its confirm with the connection and come again with the
+    # outage ticket (seen twice in CI). Consumers drop such repeats by event_id; what must hold
+    # is that the outage ticket is announced, as one event.
+    seen = [(p, h) for p, h in seen if p["subject_ids"]["ticket_id"] == ticket["id"]]
+    assert seen and len({p["event_id"] for p, _ in seen}) == 1, [
+        (p["event_id"], p["subject_ids"], p["occurred_at"], h) for p, h in seen]
     payload, headers = seen[0]
     assert payload["event_type"] == TICKET_CREATED and payload["source"] == "tickets"
     assert payload["subject_ids"] == {"ticket_id": ticket["id"]}
