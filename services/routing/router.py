@@ -51,6 +51,8 @@ MAX_DRAIN_ROUNDS = 20
 # run this many at a time, and are confirmed together in one transaction
 CLAIM_BATCH = 32
 DELIVERY_CONCURRENCY = 16
+# how long a finished delivery waits for others to be confirmed with it in one transaction
+CONFIRM_GATHER_SECONDS = 0.005
 # how often the sweeper checks every agent's active_load against a recount of the mirror
 RECONCILE_EVERY_SECONDS = 30.0
 _last_reconcile = float("-inf")
@@ -142,10 +144,13 @@ class _Deliveries:
         elif answer is not None:
             self._ready.append((claim, answer))
             if not self._confirming:
+                self._confirming = True
+                # a confirmation does not yield (SQLite, no I/O), so without a pause each would
+                # confirm only its own claim: the deliveries answered meanwhile join this one
+                eventlet.sleep(CONFIRM_GATHER_SECONDS)
                 self._confirm_ready()
 
     def _confirm_ready(self) -> None:
-        self._confirming = True
         try:
             while self._ready:
                 batch, self._ready = self._ready, []

@@ -219,7 +219,9 @@ class RoutingService(ServiceProbes):
                 return AfterCommit(self.router.after_triage, row.ticket_id, triaged)
         return AfterCommit(self.router.follow_up, row.ticket_id, change)
 
-    @handles_event_once(tickets_contract.SERVICE, tickets_contract.TICKET_CREATED, already_applied=_snapshot_held,
+    # no read-only pre-check: a ticket_created is nearly always new to routing (a redelivery is
+    # caught by the handled-event mark, and its snapshot is then not newer anyway)
+    @handles_event_once(tickets_contract.SERVICE, tickets_contract.TICKET_CREATED,
                         known_stale=_snapshot_known_stale, payload_schema=tickets_contract.TicketCreatedPayload)
     def on_ticket_created(self, session, envelope):
         return self._mirror(session, envelope)
