@@ -73,6 +73,7 @@ class ReliableEventHandler(EventHandler):
     def handle_message(self, body, message):
         if self.stale_without_worker is not None and _known_stale(self.stale_without_worker, body):
             metrics.EVENTS_SUPERSEDED.labels(self.container.service_name, self.method_name).inc()
+            self._attempts.pop(id(message), None)  # a retry that became stale meanwhile
             self.queue_consumer.ack_message(message)
             return
         super().handle_message(body, message)

@@ -23,8 +23,11 @@ from nameko.extensions import DependencyProvider, Entrypoint, SharedExtension
 
 log = logging.getLogger(__name__)
 
-# why a dispatch runs when several wakes were merged: the first one's reason
 DEFAULT_TRIGGER = "sweep"
+# why a dispatch runs when several wakes were merged: the most telling reason (it is recorded on
+# the decisions of tickets that had been waiting); a slot that freed beats a new ticket, which
+# beats the sweeper's routine wake
+_TRIGGER_RANK = {"capacity_freed": 3, "agent_online": 3, "created": 1, DEFAULT_TRIGGER: 0}
 
 
 class DispatchSignal(SharedExtension):
@@ -35,7 +38,7 @@ class DispatchSignal(SharedExtension):
         self._trigger = None
 
     def wake(self, trigger: str = DEFAULT_TRIGGER) -> None:
-        if self._trigger is None:
+        if self._trigger is None or _TRIGGER_RANK.get(trigger, 2) > _TRIGGER_RANK.get(self._trigger, 2):
             self._trigger = trigger
         try:
             self._wakes.put_nowait(None)
@@ -63,7 +66,6 @@ class Dispatcher(Entrypoint):
         self.poll_seconds = poll_seconds
         self.gt = None
         self._stopping = False
-        self._worker_done = Event()
         super().__init__(**kwargs)
 
     def start(self):
@@ -84,14 +86,24 @@ class Dispatcher(Entrypoint):
             trigger = self.signal.wait(self.poll_seconds)
             if trigger is None or self._stopping:
                 continue
-            self.container.spawn_worker(self, (trigger,), {}, handle_result=self._handle_result)
-            self._worker_done.wait()
-            self._worker_done.reset()
+            round_over = Event()
 
-    def _handle_result(self, worker_ctx, result, exc_info):
-        # a failed round is logged by the container; the next wake or the sweeper tries again
-        self._worker_done.send()
-        return result, exc_info
+            def over(*_):
+                if not round_over.ready():
+                    round_over.send()
+
+            def handle_result(worker_ctx, result, exc_info):
+                # a failed round is logged by the container; the next wake or the sweeper tries again
+                over()
+                return result, exc_info
+
+            worker_ctx = self.container.spawn_worker(self, (trigger,), {}, handle_result=handle_result)
+            # a worker killed by a BaseException never reaches handle_result: the end of its
+            # thread releases the loop too (nameko keeps the thread in _worker_threads)
+            thread = getattr(self.container, "_worker_threads", {}).get(worker_ctx)
+            if thread is not None:
+                thread.link(over)
+            round_over.wait()
 
 
 class DispatchRequests(DependencyProvider):

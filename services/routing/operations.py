@@ -107,7 +107,8 @@ def set_assignment(session: Session, row: RoutedTicket, assignee_id: str | None,
     between agents in the same transaction (the caller holds the ticket row's lock)."""
     before, after = _counted_by(row.assignee_id, row.status), _counted_by(assignee_id, status)
     if before != after:
-        for agent_id, delta in ((before, -1), (after, 1)):
+        # agents in id order, as claims take them: no lock cycle between two agents' rows
+        for agent_id, delta in sorted(((before, -1), (after, 1)), key=lambda change: change[0] or ""):
             if agent_id is not None:  # an id routing does not know updates nothing
                 session.execute(update(Agent).where(Agent.id == agent_id)
                                 .values(active_load=Agent.active_load + delta))
@@ -120,8 +121,8 @@ def reconcile_loads(session: Session) -> dict:
     {agent_id: (was, now)}. Each drifted agent's row is locked (the write lock on SQLite)
     before its recount, so a change in flight is counted once: before, or after."""
     counts = recount_loads(session)
-    drifted = [agent_id for agent_id, load in session.execute(select(Agent.id, Agent.active_load))
-               if load != counts.get(agent_id, 0)]
+    drifted = sorted(agent_id for agent_id, load in session.execute(select(Agent.id, Agent.active_load))
+                     if load != counts.get(agent_id, 0))
     fixed = {}
     for agent_id in drifted:
         was = session.execute(update(Agent).where(Agent.id == agent_id).values(claim_seq=Agent.claim_seq)
@@ -440,11 +441,13 @@ _ENABLED_RULES: dict = {}
 
 
 def enabled_rules(session: Session) -> list:
-    """The enabled rules in order (read-only views). A cheap aggregate over the rules table is
-    read every time and the rules themselves only when it changed, so a change made through
-    any replica applies to the next ticket everywhere."""
+    """The enabled rules in order (read-only views). Every rule's id and version are read every
+    time and the rules themselves only when those changed, so a change made through any
+    replica applies to the next ticket everywhere."""
+    # every rule's id and version: a few hundred short rows at most, and exact (a deletion and
+    # a creation cannot cancel out, whatever the clocks of the replicas that wrote them)
     fingerprint = (str(session.get_bind().url),
-                   *session.execute(select(func.count(), func.max(Rule.updated_at), func.sum(Rule.version))).one())
+                   tuple(session.execute(select(Rule.id, Rule.version).order_by(Rule.id)).all()))
     cached = _ENABLED_RULES.get(fingerprint)
     if cached is None:
         cached = [rule_view(r) for r in session.scalars(select(Rule).where(Rule.enabled.is_(True))
@@ -579,11 +582,8 @@ def _required_skills(raw: str) -> frozenset:
     return decoded
 
 
-def queue_entries(session: Session, tiers=None, ticket_ids=None, unnoted_only: bool = False,
-                  noted_with_changes_before: datetime | None = None) -> list:
-    """The queued (and active) tickets of ``tiers``, or of ``ticket_ids``, as QueueEntry;
-    ``noted_with_changes_before``: only those noted as waiting, queued before then, whose
-    rules' changes are still pending."""
+def queue_entries(session: Session, tiers=None, ticket_ids=None, unnoted_only: bool = False) -> list:
+    """The queued (and active) tickets of ``tiers``, or of ``ticket_ids``, as QueueEntry."""
     query = _QUEUE_COLUMNS.where(RoutedTicket.state == domain.QUEUED,
                                  RoutedTicket.status.in_(contract.ACTIVE_STATUSES))
     if tiers is not None:
@@ -592,14 +592,20 @@ def queue_entries(session: Session, tiers=None, ticket_ids=None, unnoted_only: b
         query = query.where(RoutedTicket.ticket_id.in_(list(ticket_ids)))
     if unnoted_only:
         query = query.where(RoutedTicket.queue_noted.is_(False))
-    if noted_with_changes_before is not None:
-        query = query.where(RoutedTicket.queue_noted.is_(True), RoutedTicket.pending_changes.is_not(None),
-                            RoutedTicket.queued_at < noted_with_changes_before)
     return [QueueEntry(domain.QueuedTicket(ticket_id, tier, priority, _required_skills(skills), created_at,
                                            queued_at or created_at, sla_due_at),
                        trigger, bool(noted), changes or None)
             for ticket_id, tier, priority, skills, created_at, queued_at, sla_due_at, trigger, noted, changes
             in session.execute(query)]
+
+
+def pending_changes_before(session: Session, before: datetime) -> list:
+    """(ticket_id, pending_changes) of tickets whose rules' changes are still undelivered, not
+    touched since ``before`` and not riding with a claim in flight."""
+    return list(session.execute(
+        select(RoutedTicket.ticket_id, RoutedTicket.pending_changes)
+        .where(RoutedTicket.pending_changes.is_not(None), RoutedTicket.state != domain.ASSIGNING,
+               RoutedTicket.updated_at < before)).all())
 
 
 def queued_tickets(session: Session, tiers=None) -> list:

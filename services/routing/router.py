@@ -138,7 +138,11 @@ class _Deliveries:
             self._pool.spawn_n(self._deliver, claim)
 
     def _deliver(self, claim: Claim) -> None:
-        answer = self._router._deliver_one(claim)
+        try:
+            answer = self._router._deliver_one(claim)
+        except Exception as exc:  # e.g. the release's transaction failed: the sweeper re-drives it
+            log.warning("delivery of the claim on %s failed: %r", claim.ticket_id, exc)
+            return
         if answer is _RELEASED:
             self.released += 1
         elif answer is not None:
@@ -156,8 +160,17 @@ class _Deliveries:
                 batch, self._ready = self._ready, []
                 try:
                     self._router._confirm_all(batch)
-                except Exception as exc:  # the claims stay "assigning": the sweeper re-drives them
-                    log.warning("confirmation of %d delivered claims failed: %r", len(batch), exc)
+                except Exception as exc:
+                    # one claim's failure must not hold the others back: each on its own, and
+                    # what still fails stays "assigning" for the sweeper
+                    log.warning("confirmation of %d delivered claims failed, one by one now: %r", len(batch), exc)
+                    for delivered in batch:
+                        try:
+                            self._router._confirm_all([delivered])
+                        except Exception as exc:
+                            log.warning("confirmation of the claim on %s failed: %r", delivered[0].ticket_id, exc)
+                            continue
+                        self.delivered += 1
                     continue
                 self.delivered += len(batch)
         finally:
@@ -258,7 +271,9 @@ class Router:
                     "reason": detail, "actor_id": "rule:" + outcome.matched_rule_ids[-1], "trigger": "rule"})
         row.state, row.queued_at, row.queue_noted = domain.QUEUED, ops.now_utc(), False
         row.queue_trigger = "created"
-        row.pending_changes = ticket_changes or None
+        # sent compare-and-set against the version the rules saw: whoever changes the ticket
+        # first (an agent, an escalation) wins over them, and a repeated send changes nothing
+        row.pending_changes = {"fields": ticket_changes, "if_version": row.ticket_version} if ticket_changes else None
         return {"ticket_changes": ticket_changes, "escalated_from": escalated_from, "tier": row.tier}
 
     def after_triage(self, ticket_id: str, triaged: dict) -> None:
@@ -317,26 +332,32 @@ class Router:
                 noted.append((entry, trigger))
         for entry, trigger in noted:
             metrics.QUEUED.labels(entry.ticket.tier, trigger).inc()
-        self._deliver_changes([entry for entry, _ in noted if entry.changes])
+        self._send_pending_changes([(entry.ticket.ticket_id, entry.changes) for entry, _ in noted if entry.changes])
         return len(noted)
 
-    def _deliver_changes(self, entries: list) -> None:
-        """The rules' changes of waiting tickets, each on its own (the assignment will not carry
-        them soon); cleared once the tickets service has them or refused them for good."""
-        done = []
-        for entry in entries:
+    def _send_pending_changes(self, pending: list) -> None:
+        """The rules' changes of tickets no assignment will carry soon, on their own (a few calls
+        at a time), each compare-and-set against the version the rules saw; cleared once the
+        tickets service applied them or refused them (changed since, closed, gone). No answer:
+        kept for the sweeper. ``pending``: (ticket_id, pending_changes) pairs."""
+        if not pending:
+            return
+
+        def send(item):
+            ticket_id, changes = item
             try:
-                self.tickets.update_ticket(ops.SYSTEM_ACTOR, entry.ticket.ticket_id, entry.changes)
-            except HelpdeskError as refusal:  # closed or gone meanwhile: nothing left to tell
-                log.info("rules' changes %s not applied to %s: %s", entry.changes, entry.ticket.ticket_id, refusal)
-            except Exception as exc:  # no answer: the sweeper tries again
-                log.warning("rules' changes %s not delivered to %s yet: %r", entry.changes, entry.ticket.ticket_id, exc)
-                continue
-            done.append(entry.ticket.ticket_id)
+                self.tickets.update_ticket(ops.SYSTEM_ACTOR, ticket_id, changes["fields"], changes["if_version"])
+            except HelpdeskError as refusal:  # changed since the rules ran, closed or gone: dropped
+                log.info("rules' changes %s not applied to %s: %s", changes["fields"], ticket_id, refusal)
+            except Exception as exc:
+                log.warning("rules' changes %s not delivered to %s yet: %r", changes["fields"], ticket_id, exc)
+                return None
+            return ticket_id
+
+        done = [ticket_id for ticket_id in eventlet.GreenPool(DELIVERY_CONCURRENCY).imap(send, pending) if ticket_id]
         if done:
             with self.uow.transaction() as session:
-                session.execute(update(RoutedTicket).where(RoutedTicket.ticket_id.in_(done),
-                                                           RoutedTicket.state == domain.QUEUED)
+                session.execute(update(RoutedTicket).where(RoutedTicket.ticket_id.in_(done))
                                 .values(pending_changes=None))
 
     def _claim_all(self, planned: list) -> list:
@@ -390,11 +411,20 @@ class Router:
 
     def _deliver_one(self, claim: Claim):
         """The tickets service's view after the assignment; _RELEASED when it refused; None when
-        it did not answer (the sweeper re-drives the claim: the assign RPC is idempotent)."""
-        try:
-            if claim.changes:
+        it did not answer (the sweeper re-drives the claim: the assign RPC is idempotent, and
+        the rules' changes go compare-and-set, so a repeat cannot undo a later edit)."""
+        if claim.changes:
+            try:
                 return self.tickets.update_ticket(ops.SYSTEM_ACTOR, claim.ticket_id, {
-                    **claim.changes, "assignee_id": claim.agent_id, "group": claim.tier})
+                    **claim.changes["fields"], "assignee_id": claim.agent_id, "group": claim.tier},
+                    claim.changes["if_version"])
+            except HelpdeskError as refusal:
+                # changed since the rules ran (or their changes refused): the assignment goes alone
+                log.info("rules' changes %s not applied to %s: %s", claim.changes["fields"], claim.ticket_id, refusal)
+            except Exception as exc:
+                log.warning("assignment of %s to %s not delivered yet: %r", claim.ticket_id, claim.agent_id, exc)
+                return None
+        try:
             return self.tickets.assign_ticket(ops.SYSTEM_ACTOR, claim.ticket_id, claim.agent_id, claim.tier)
         except HelpdeskError as refusal:  # closed, gone: the slot goes back
             self._release(claim, f"the tickets service refused the assignment: {refusal}")
@@ -448,6 +478,7 @@ class Router:
             if row.claim_decision_id == claim.decision_id and row.state == domain.ASSIGNING:
                 ops.set_assignment(session, row, None, row.status)
                 row.state, row.queued_at, row.queue_trigger = domain.IDLE, None, None
+                row.pending_changes = None  # closed or gone: nothing left to tell
         metrics.RELEASED.inc()
         log.info("claim of %s for %s released: %s", claim.ticket_id, claim.agent_id, reason)
 
@@ -492,9 +523,9 @@ class Router:
         it has waited. Returns how many were assigned."""
         deliveries = _Deliveries(self, DELIVERY_CONCURRENCY)
         for _ in range(MAX_DRAIN_ROUNDS):
+            released = deliveries.released  # before the round reads: a slot given back during it counts
             if self._drain_round(tiers, trigger, deliveries):
                 continue  # read again: what arrived meanwhile, or what a lost race left
-            released = deliveries.released
             deliveries.wait()
             if deliveries.released == released:
                 break  # nothing to claim, and no refused delivery gave a slot back meanwhile
@@ -670,8 +701,8 @@ class Router:
                 .where(RoutedTicket.state == domain.ASSIGNING, RoutedTicket.claimed_at < stale_before))]
             stale_triage = list(session.scalars(select(RoutedTicket.ticket_id).where(
                 RoutedTicket.state == domain.TRIAGE, RoutedTicket.queued_at < stale_before)))
-            # waiting tickets whose rules' changes did not reach tickets when they were noted
-            undelivered = ops.queue_entries(session, noted_with_changes_before=stale_before)
+            # rules' changes no assignment carried and no send delivered (no answer, a crash)
+            undelivered = ops.pending_changes_before(session, stale_before)
             # held by an agent who went offline, where the requeue did not reach tickets
             orphaned = [] if self.settings.offline_policy != "requeue" else list(session.scalars(
                 select(RoutedTicket.ticket_id).join(Agent, Agent.id == RoutedTicket.assignee_id).where(
@@ -684,7 +715,7 @@ class Router:
         self._deliver_all(stale_claims)
         for ticket_id in stale_triage:
             self.triage(ticket_id)
-        self._deliver_changes(undelivered)
+        self._send_pending_changes(undelivered)
         # the dispatcher's own round (never two at once in this process); inline without one
         self.request_dispatch("sweep")
         self.refresh_metrics()

@@ -70,8 +70,8 @@ class TicketsPort:
     def assign_ticket(self, actor, ticket_id, assignee_id, group):
         return self._call("assign_ticket", actor, ticket_id, assignee_id, group)
 
-    def update_ticket(self, actor, ticket_id, changes):
-        return self._call("update_ticket", actor, ticket_id, changes)
+    def update_ticket(self, actor, ticket_id, changes, expected_version=None):
+        return self._call("update_ticket", actor, ticket_id, changes, expected_version)
 
     def add_comment(self, actor, ticket_id, data):
         return self._call("add_comment", actor, ticket_id, data)

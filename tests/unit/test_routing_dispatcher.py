@@ -59,6 +59,7 @@ def _handler(check):
     handler.container = Mock(service_name="routing")
     handler.method_name = "on_ticket_updated"
     handler.queue_consumer = Mock()
+    handler._attempts = {}  # what setup() prepares
     return handler
 
 
@@ -70,9 +71,29 @@ def test_an_event_known_stale_in_memory_is_acked_without_a_worker():
     handler.container.spawn_worker.assert_not_called()
 
 
+def test_a_retry_that_became_stale_is_acked_and_forgets_its_attempts():
+    handler = _handler(lambda body: body["payload"]["ticket"]["version"] <= 3)
+    message = Mock(headers={})
+    handler._attempts[id(message)] = 2  # failed twice, retry scheduled; the ticket moved on meanwhile
+    handler.handle_message({"payload": {"ticket": {"version": 3}}}, message)
+    handler.queue_consumer.ack_message.assert_called_once_with(message)
+    assert handler._attempts == {}
+
+
 def test_an_event_not_known_stale_or_unreadable_goes_to_a_worker():
     handler = _handler(lambda body: body["payload"]["ticket"]["version"] <= 3)
     for body in ({"payload": {"ticket": {"version": 4}}}, {"payload": "not a dict"}, {}):
         handler.handle_message(body, Mock(headers={}))
     assert handler.container.spawn_worker.call_count == 3
     handler.queue_consumer.ack_message.assert_not_called()
+
+
+def test_merged_wakes_keep_the_most_telling_reason():
+    signal = DispatchSignal()
+    signal.setup()
+    for trigger in ("sweep", "created", "capacity_freed", "created", "sweep"):
+        signal.wake(trigger)
+    assert signal.wait(0.1) == "capacity_freed"
+    assert signal.wait(0.01) is None  # merged: one round
+    signal.wake("sweep")
+    assert signal.wait(0.1) == "sweep"

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from contracts import routing as contract
-from contracts.errors import Conflict, NotFound, ValidationError
+from contracts.errors import Conflict, NotFound, PreconditionFailed, ValidationError
 from servicekit.tables import OUTBOX
 from services.routing import operations as ops
 from services.routing.models import Decision, RoutedTicket, Skill
@@ -81,9 +81,11 @@ class FakeTickets:
             changes["status"] = "open"
         return self._change(ticket_id, **changes)
 
-    def update_ticket(self, actor, ticket_id, changes):
+    def update_ticket(self, actor, ticket_id, changes, expected_version=None):
         self._called("update_ticket", ticket_id, changes)
-        self._ticket(ticket_id)
+        ticket = self._ticket(ticket_id)
+        if expected_version is not None and expected_version != ticket["version"]:
+            raise PreconditionFailed(f"the ticket is at version {ticket['version']}, not {expected_version}")
         return self._change(ticket_id, **changes)
 
     def add_comment(self, actor, ticket_id, data):
@@ -718,7 +720,8 @@ def test_rules_changes_not_delivered_while_waiting_are_delivered_by_the_sweeper(
     routing.pump()
     assert tickets.tickets[ticket["id"]]["category"] is None
     with routing_uow.read() as session:
-        assert session.get(RoutedTicket, ticket["id"]).pending_changes == {"category": "network"}
+        assert session.get(RoutedTicket, ticket["id"]).pending_changes == {"fields": {"category": "network"},
+                                                                            "if_version": 1}
     routing.router.sweep()
     assert tickets.tickets[ticket["id"]]["category"] == "network"
     with routing_uow.read() as session:
@@ -738,3 +741,96 @@ def test_a_rule_changed_applies_to_the_next_ticket(routing, tickets):
     routing.pump()
     assert tickets.tickets[first["id"]]["category"] == "network"
     assert tickets.tickets[second["id"]]["category"] == "remote-access"
+
+
+# --- the rules' changes never undo what people did since (compare-and-set on the triaged version) ---
+
+def _pending(uow, ticket_id):
+    with uow.read() as session:
+        return session.get(RoutedTicket, ticket_id).pending_changes
+
+
+def test_rules_changes_overtaken_by_a_hand_assignment_are_dropped_not_applied_later(routing_uow, tickets):
+    routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=0.0))
+    routing.router = Router(routing_uow, tickets, RoutingSettings(retry_after_seconds=0.0),
+                            wake=lambda trigger: None)  # the dispatcher's round has not run yet
+    _rule(routing, set_category="network", raise_priority="high")
+    routing.agent("ann", presence="offline")
+    ticket = tickets.create(subject="VPN down")
+    routing.pump()
+    assert _pending(routing_uow, ticket["id"])["fields"] == {"category": "network", "priority": "high"}
+    tickets.assign_ticket(SUPERVISOR, ticket["id"], "bob", None)  # a person was faster than the rules
+    routing.pump()
+    routing.router.dispatch("created")
+    routing.router.sweep()
+    assert _pending(routing_uow, ticket["id"]) is None  # dropped: the ticket changed since triage
+    assert tickets.tickets[ticket["id"]]["category"] is None
+    # later bob re-prioritises and hands it back: the old rules' changes do not come back with it
+    tickets.update_ticket(SUPERVISOR, ticket["id"], {"priority": "low", "category": "billing"})
+    tickets.assign_ticket(SUPERVISOR, ticket["id"], None, None)
+    routing.pump()
+    routing.presence("ann", "online")
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "ann"
+    assert (tickets.tickets[ticket["id"]]["priority"], tickets.tickets[ticket["id"]]["category"]) == ("low", "billing")
+
+
+def test_rules_changes_of_a_ticket_put_on_pending_first_do_not_linger(routing_uow, tickets):
+    routing = Routing(routing_uow, tickets)
+    routing.router = Router(routing_uow, tickets, RoutingSettings(retry_after_seconds=0.0), wake=lambda t: None)
+    _rule(routing, set_category="network")
+    ticket = tickets.create(subject="VPN down")
+    routing.pump()
+    tickets.set_status(ticket["id"], "pending")  # before the dispatcher's round
+    routing.pump()
+    routing.router.dispatch("created")
+    routing.router.sweep()
+    assert routing.state(ticket["id"]) == "idle"
+    assert _pending(routing_uow, ticket["id"]) is None
+
+
+def test_a_rules_group_sent_late_does_not_undo_an_escalation(routing_uow, tickets):
+    routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=0.0))
+    _rule(routing, set_tier="L2")
+    ticket = tickets.create(subject="VPN down")  # nobody online in L2: it waits
+    tickets.refusals[("update_ticket", ticket["id"])] = [TimeoutError("no answer")]
+    routing.pump()
+    assert _pending(routing_uow, ticket["id"])["fields"] == {"group": "L2"}
+    routing.router.escalate(SUPERVISOR, ticket["id"], "needs L3")
+    routing.pump()
+    routing.router.sweep()
+    routing.pump()
+    assert routing.row(ticket["id"])["tier"] == "L3"
+    assert tickets.tickets[ticket["id"]]["group"] == "L3"
+    assert _pending(routing_uow, ticket["id"]) is None
+
+
+class _SlowTickets(FakeTickets):
+    """Each assignment takes a moment, as an RPC does."""
+
+    def assign_ticket(self, actor, ticket_id, assignee_id, group):
+        eventlet.sleep(0.01)
+        return super().assign_ticket(actor, ticket_id, assignee_id, group)
+
+
+def test_a_slot_given_back_while_the_next_round_reads_is_drained_at_once(routing_uow, monkeypatch):
+    tickets = _SlowTickets()
+    routing = Routing(routing_uow, tickets)
+    routing.agent("ann", capacity=1, presence="offline")
+    first, second = tickets.create(), tickets.create()
+    routing.pump()
+    tickets.set_status(first["id"], "closed")  # routing has not seen it: the claim will be refused
+    real, reads = ops.agent_states, []
+
+    def agent_states(session):  # PostgreSQL yields on every query: round 2's read waits a moment
+        reads.append(1)
+        states = real(session)
+        if len(reads) == 2:
+            eventlet.sleep(0.05)  # the refused delivery is released meanwhile
+        return states
+
+    monkeypatch.setattr(ops, "agent_states", agent_states)
+    with routing_uow.transaction() as session:
+        ops.set_presence(session, SUPERVISOR, "ann", "online")
+    assert routing.router.drain(contract.TIERS, "agent_online") == 1
+    assert routing.outcomes(first["id"])[-1][0] == "released"
+    assert tickets.tickets[second["id"]]["assignee_id"] == "ann"

@@ -44,7 +44,7 @@ class FakeTickets:
         self.calls.append(("get_ticket", ticket_id))
         return {**snapshot(ticket_id), "description": "text"}
 
-    def update_ticket(self, actor, ticket_id, changes):
+    def update_ticket(self, actor, ticket_id, changes, expected_version=None):
         self.calls.append(("update_ticket", ticket_id, changes))
         self.versions[ticket_id] = self.versions.get(ticket_id, 1) + 1
         return snapshot(ticket_id, version=self.versions[ticket_id], group=changes.get("group"))

@@ -21,8 +21,12 @@ depends_on = None
 def upgrade():
     with op.batch_alter_table('routed_tickets', schema=None) as batch_op:
         batch_op.add_column(sa.Column('pending_changes', sa.JSON(), nullable=True))
+    op.create_index('ix_routed_tickets_pending_changes', 'routed_tickets', ['ticket_id'], unique=False,
+                    sqlite_where=sa.text('pending_changes IS NOT NULL'),
+                    postgresql_where=sa.text('pending_changes IS NOT NULL'))
 
 
 def downgrade():
+    op.drop_index('ix_routed_tickets_pending_changes', table_name='routed_tickets')
     with op.batch_alter_table('routed_tickets', schema=None) as batch_op:
         batch_op.drop_column('pending_changes')
