@@ -499,18 +499,20 @@ def snapshot_is_stale(session: Session, snapshot: dict) -> bool:
     return held is not None and snapshot["version"] <= held
 
 
-def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = None, flush: bool = True
-                   ) -> tuple[RoutedTicket, domain.MirrorChange | None]:
+def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = None, flush: bool = True,
+                   resync: bool = False) -> tuple[RoutedTicket, domain.MirrorChange | None]:
     """Mirror a ticket snapshot (an event's or an RPC answer's) if it is newer than what we hold.
     ``row``: the ticket's row when the caller already holds it locked; ``flush=False``: the
-    caller writes many rows and lets the commit flush them together.
+    caller writes many rows and lets the commit flush them together; ``resync``: apply the
+    version the mirror already holds too (its assignee may have been held for a claim).
 
     Returns the row and what the change means for routing (None: stale or duplicate snapshot).
     """
     if row is None:
         row = get_routed(session, snapshot["id"], for_update=True)
     now = now_utc()
-    if row is not None and snapshot["version"] <= row.ticket_version:
+    if row is not None and (snapshot["version"] < row.ticket_version
+                            or snapshot["version"] == row.ticket_version and not resync):
         return row, None
     if row is None:
         before_status = before_assignee = prev_state = None

@@ -438,7 +438,7 @@ class Router:
         decision row), with the tickets service's answer mirrored and ``ticket_routed``."""
         if not delivered:
             return
-        confirmed, versions = [], {}
+        confirmed, versions, overtaken = [], {}, []
         with self.uow.transaction() as session:
             rows = ops.lock_tickets(session, [claim.ticket_id for claim, _ in delivered])
             # once per claim: a re-delivery by the sweeper, or a release meanwhile, confirms nothing
@@ -447,6 +447,8 @@ class Router:
                 if claim.decision_id not in won:
                     continue
                 row = rows[claim.ticket_id]
+                if row.ticket_version > view["version"]:
+                    overtaken.append(claim.ticket_id)
                 if row.claim_decision_id == claim.decision_id and row.state == domain.ASSIGNING:
                     row.state = domain.IDLE if row.status in domain.FINISHED_STATUSES else domain.ASSIGNED
                     row.queued_at = row.queue_trigger = None
@@ -464,6 +466,22 @@ class Router:
         for claim, waited in confirmed:
             metrics.ASSIGNMENTS.labels(claim.tier, claim.trigger).inc()
             metrics.TIME_TO_ASSIGNMENT.labels(claim.tier).observe(waited)
+        for ticket_id in overtaken:
+            self._resync(ticket_id)
+
+    def _resync(self, ticket_id: str) -> None:
+        """The mirror took newer snapshots while the claim was in flight and kept the claimed
+        agent meanwhile (someone may have unassigned or reassigned the ticket right after the
+        assignment landed): mirror the ticket as it is now, and route it if it needs it."""
+        try:
+            view = self.tickets.get_ticket(ops.SYSTEM_ACTOR, ticket_id)
+        except Exception as exc:
+            log.warning("could not re-read %s after its assignment was overtaken: %r", ticket_id, exc)
+            return
+        with self.uow.transaction() as session:
+            ops.lock_ticket(session, ticket_id)
+            _row, change = ops.apply_snapshot(session, view, resync=True)
+        self.follow_up(ticket_id, change)
 
     def _release(self, claim: Claim, reason: str) -> None:
         """A refused claim gives its slot back; the caller drains again."""

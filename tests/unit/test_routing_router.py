@@ -834,3 +834,33 @@ def test_a_slot_given_back_while_the_next_round_reads_is_drained_at_once(routing
     assert routing.router.drain(contract.TIERS, "agent_online") == 1
     assert routing.outcomes(first["id"])[-1][0] == "released"
     assert tickets.tickets[second["id"]]["assignee_id"] == "ann"
+
+
+class _UnassignedRightAfter(FakeTickets):
+    """A supervisor unassigns the ticket the moment routing's assignment lands, and routing
+    mirrors both events before its claim is confirmed."""
+
+    routing = None
+
+    def assign_ticket(self, actor, ticket_id, assignee_id, group):
+        view = super().assign_ticket(actor, ticket_id, assignee_id, group)
+        if assignee_id is not None and actor is ops.SYSTEM_ACTOR:
+            super().assign_ticket(SUPERVISOR, ticket_id, None, None)
+            self.routing.pump()
+        return view
+
+
+def test_an_assignment_undone_before_its_confirmation_is_not_kept(routing_uow):
+    tickets = _UnassignedRightAfter()
+    routing = Routing(routing_uow, tickets)
+    routing.router = Router(routing_uow, tickets, RoutingSettings(), wake=lambda trigger: None)
+    tickets.routing = routing
+    routing.agent("ann", presence="offline")
+    ticket = tickets.create()
+    routing.pump()
+    routing.presence("ann", "online")
+    routing.router.drain(contract.TIERS, "agent_online")
+    assert tickets.tickets[ticket["id"]]["assignee_id"] is None
+    assert routing.row(ticket["id"])["assignee_id"] is None
+    assert routing.state(ticket["id"]) == "queued"  # unassigned and active: back in the queue
+    assert routing.load("ann") == 0
