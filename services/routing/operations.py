@@ -227,27 +227,28 @@ _AGENT_STATE_COLUMNS = select(Agent.id, cast(Agent.tiers, Text), cast(Agent.skil
 _DECODED: dict = {}
 
 
-def _tier_set(raw: str) -> frozenset:
-    decoded = _DECODED.get(("tiers", raw))
+def _decoded(raw: str, names_of=None) -> frozenset:
+    """A JSON list column's text as a frozenset of names, decoded once per distinct text (the
+    same few tier and skill lists repeat across agents and tickets). ``names_of``: how to take a
+    name from an item (skills are objects with a name); plain strings otherwise."""
+    key = (names_of is not None, raw)
+    decoded = _DECODED.get(key)
     if decoded is None:
         if len(_DECODED) > 20_000:
             _DECODED.clear()
-        decoded = _DECODED[("tiers", raw)] = frozenset(json.loads(raw))
+        items = json.loads(raw)
+        decoded = _DECODED[key] = frozenset(map(names_of, items) if names_of else items)
     return decoded
 
 
-def _skill_set(raw: str) -> frozenset:
-    decoded = _DECODED.get(("skills", raw))
-    if decoded is None:
-        if len(_DECODED) > 20_000:
-            _DECODED.clear()
-        decoded = _DECODED[("skills", raw)] = frozenset(skill["name"] for skill in json.loads(raw))
-    return decoded
+def _skill_name(skill: dict) -> str:
+    return skill["name"]
 
 
 def agent_states(session: Session) -> list:
     """Every agent as the chooser sees it (plain columns: no ORM objects on the hot path)."""
-    return [domain.AgentState(id_, _tier_set(tiers), _skill_set(skills), presence, capacity, load, last_assigned_at)
+    return [domain.AgentState(id_, _decoded(tiers), _decoded(skills, _skill_name), presence, capacity, load,
+                              last_assigned_at)
             for id_, tiers, skills, presence, capacity, load, last_assigned_at
             in session.execute(_AGENT_STATE_COLUMNS)]
 
@@ -575,15 +576,6 @@ _QUEUE_COLUMNS = select(RoutedTicket.ticket_id, RoutedTicket.tier, RoutedTicket.
                         RoutedTicket.queue_noted, RoutedTicket.pending_changes)
 
 
-def _required_skills(raw: str) -> frozenset:
-    decoded = _DECODED.get(("required", raw))
-    if decoded is None:
-        if len(_DECODED) > 20_000:
-            _DECODED.clear()
-        decoded = _DECODED[("required", raw)] = frozenset(json.loads(raw))
-    return decoded
-
-
 def queue_entries(session: Session, tiers=None, ticket_ids=None, unnoted_only: bool = False) -> list:
     """The queued (and active) tickets of ``tiers``, or of ``ticket_ids``, as QueueEntry."""
     query = _QUEUE_COLUMNS.where(RoutedTicket.state == domain.QUEUED,
@@ -594,7 +586,7 @@ def queue_entries(session: Session, tiers=None, ticket_ids=None, unnoted_only: b
         query = query.where(RoutedTicket.ticket_id.in_(list(ticket_ids)))
     if unnoted_only:
         query = query.where(RoutedTicket.queue_noted.is_(False))
-    return [QueueEntry(domain.QueuedTicket(ticket_id, tier, priority, _required_skills(skills), created_at,
+    return [QueueEntry(domain.QueuedTicket(ticket_id, tier, priority, _decoded(skills), created_at,
                                            queued_at or created_at, sla_due_at),
                        trigger, bool(noted), changes or None)
             for ticket_id, tier, priority, skills, created_at, queued_at, sla_due_at, trigger, noted, changes

@@ -4,6 +4,7 @@ routing ack the echoes of its own assignments without a worker."""
 from unittest.mock import Mock
 
 import eventlet
+import pytest
 from nameko.containers import ServiceContainer
 from nameko.testing.utils import get_extension
 
@@ -22,36 +23,32 @@ class Recorder:
         eventlet.sleep(0.1)  # a round takes a while: wakes meanwhile are merged into one more
 
 
-def test_wakes_while_a_round_runs_merge_into_one_more_round_with_the_first_reason():
+@pytest.fixture
+def recorder():
     Recorder.rounds = []
     container = ServiceContainer(Recorder, {})
     container.start()
-    try:
-        signal = get_extension(container, DispatchSignal)
-        signal.wake("created")
-        eventlet.sleep(0.02)  # the first round is running
-        for trigger in ("capacity_freed", "created", "agent_online"):
-            signal.wake(trigger)
-        eventlet.sleep(0.4)
-        assert Recorder.rounds == ["created", "capacity_freed"]
-        eventlet.sleep(0.2)
-        assert len(Recorder.rounds) == 2, "no round without a wake"
-    finally:
+    yield container
+    with eventlet.Timeout(2):  # stopping does not wait for a wake that never comes
         container.stop()
 
 
-def test_the_dependency_wakes_the_same_container_and_stop_ends_the_loop():
-    Recorder.rounds = []
-    container = ServiceContainer(Recorder, {})
-    container.start()
-    try:
-        dependency = get_extension(container, DispatchRequests)
-        dependency.get_dependency(Mock())("sweep")
-        eventlet.sleep(0.2)
-        assert Recorder.rounds == ["sweep"]
-    finally:
-        with eventlet.Timeout(2):  # stopping does not wait for a wake that never comes
-            container.stop()
+def test_wakes_while_a_round_runs_merge_into_one_more_round_with_the_most_telling_reason(recorder):
+    signal = get_extension(recorder, DispatchSignal)
+    signal.wake("created")
+    eventlet.sleep(0.02)  # the first round is running
+    for trigger in ("created", "capacity_freed", "agent_online"):
+        signal.wake(trigger)
+    eventlet.sleep(0.4)
+    assert Recorder.rounds == ["created", "capacity_freed"]
+    eventlet.sleep(0.2)
+    assert len(Recorder.rounds) == 2, "no round without a wake"
+
+
+def test_the_dependency_wakes_the_same_container(recorder):
+    get_extension(recorder, DispatchRequests).get_dependency(Mock())("sweep")
+    eventlet.sleep(0.2)
+    assert Recorder.rounds == ["sweep"]
 
 
 def _handler(check):
