@@ -554,11 +554,6 @@ def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = 
     return row, change
 
 
-def queued_ticket(row: RoutedTicket) -> domain.QueuedTicket:
-    return domain.QueuedTicket(row.ticket_id, row.tier, row.priority, frozenset(row.required_skills),
-                               row.ticket_created_at, row.queued_at or row.ticket_created_at, row.sla_due_at)
-
-
 @dataclass(frozen=True)
 class QueueEntry:
     """A queued ticket as the dispatcher needs it: the chooser's view, why it was queued,
@@ -600,10 +595,6 @@ def pending_changes_before(session: Session, before: datetime) -> list:
         select(RoutedTicket.ticket_id, RoutedTicket.pending_changes)
         .where(RoutedTicket.pending_changes.is_not(None), RoutedTicket.state != domain.ASSIGNING,
                RoutedTicket.updated_at < before)).all())
-
-
-def queued_tickets(session: Session, tiers=None) -> list:
-    return [entry.ticket for entry in queue_entries(session, tiers)]
 
 
 def set_sla_due(session: Session, ticket_id: str, due_at: datetime | None) -> None:

@@ -6,7 +6,7 @@ Correctness under concurrency rests on the database, not on this process:
   ``queued -> assigning`` by compare-and-set (still queued, same tier, unassigned, active),
   then each agent's slots are taken with one atomic ``UPDATE agents SET active_load =
   active_load + k WHERE ... active_load + k <= capacity``; an agent whose slots are gone
-  keeps none of the batch (their tickets go back to the queue in the same transaction). Any
+  keeps none of the batch (their tickets stay queued for the next round). Any
   number of routers may race: no agent passes capacity, exactly one claim wins a ticket.
   Every transaction locks tickets before agents (claims, confirmations and the mirror of
   ticket events alike), tickets and agents each in id order where there are several, so
