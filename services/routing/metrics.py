@@ -18,6 +18,9 @@ RELEASED = Counter("helpdesk_routing_claims_released_total",
                    "Claims the tickets service refused (ticket closed or gone); the slot was freed")
 LOADS_RECONCILED = Counter("helpdesk_routing_loads_reconciled_total",
                            "Agents whose active-ticket counter differed from a recount and was corrected")
+CLAIM_BATCH_SIZE = Histogram("helpdesk_routing_claim_batch_size",
+                             "Tickets claimed per claim transaction (the dispatcher's batching under load)",
+                             buckets=(1, 2, 4, 8, 16, 32, 64))
 DECISION_SECONDS = Histogram("helpdesk_routing_decision_seconds", "Time to choose an agent for one ticket",
                              buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1))
 

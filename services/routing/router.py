@@ -400,6 +400,8 @@ class Router:
             claims = []
         if len(claims) < len(planned):
             metrics.CLAIM_CONFLICTS.inc(len(planned) - len(claims))
+        if claims:
+            metrics.CLAIM_BATCH_SIZE.observe(len(claims))
         return claims
 
     def _deliver_all(self, claims: list) -> tuple:

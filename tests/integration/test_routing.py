@@ -287,6 +287,7 @@ def test_routing_metrics_show_assignments_queues_and_load_per_tier_without_ids(t
 
     before = assigned_count()
     before_timed = routing.metric("helpdesk_routing_time_to_assignment_seconds_count", tier="L1")
+    before_batches = routing.metric("helpdesk_routing_claim_batch_size_count")
     online_agent(rpc, "ann", capacity=1)
     first = create_ticket(rpc)
     wait_for(lambda: assignee_of(rpc, first["id"]) == "ann", timeout=10)
@@ -294,6 +295,7 @@ def test_routing_metrics_show_assignments_queues_and_load_per_tier_without_ids(t
     wait_for(lambda: routing_state(rpc, waiting["id"]) == "queued", timeout=10)
     assert assigned_count() == before + 1
     assert routing.metric("helpdesk_routing_time_to_assignment_seconds_count", tier="L1") == before_timed + 1
+    assert routing.metric("helpdesk_routing_claim_batch_size_count") == before_batches + 1  # one claim, one batch
     # the per-tier gauges come from the sweeper's snapshot (every 2 s here)
     wait_for(lambda: routing.metric("helpdesk_routing_queue_depth", tier="L1") == 1, timeout=10)
     assert routing.metric("helpdesk_routing_agents_online", tier="L1") == 1
