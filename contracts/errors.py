@@ -70,3 +70,15 @@ class PreconditionFailed(HelpdeskError):
 
 
 TYPED_ERRORS = (ValidationError, NotFound, Forbidden, Conflict, InvalidTransition, PreconditionFailed)
+_BY_CODE = {cls.code: cls for cls in TYPED_ERRORS}
+
+
+def error_payload(exc: HelpdeskError) -> dict:
+    """A typed error as data, for an answer that carries one error per item of a batch."""
+    return {"code": exc.code, "detail": exc.detail, "errors": exc.errors}
+
+
+def error_from_payload(payload: dict) -> HelpdeskError:
+    """The typed error ``error_payload`` described (HelpdeskError for a code it does not know)."""
+    cls = _BY_CODE.get(payload.get("code"), HelpdeskError)
+    return cls(payload.get("detail", ""), payload.get("errors"))

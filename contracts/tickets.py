@@ -100,6 +100,19 @@ class AssignRequest(_Strict):
     group = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1, max=50))
 
 
+# assign_tickets: many assignments in one call (routing delivers its batches so); each one is
+# applied on its own, as assign_ticket, or update_ticket when it carries other changes
+MAX_ASSIGNMENTS_PER_CALL = 100
+
+
+class AssignmentRequest(AssignRequest):
+    ticket_id = fields.String(required=True, validate=validate.Length(min=1, max=36))
+    # other fields to change with the assignment (an update_ticket body without assignee/group)
+    changes = fields.Dict(load_default=None, allow_none=True)
+    expected_version = fields.Integer(load_default=None, allow_none=True, strict=True,
+                                      validate=validate.Range(min=1))
+
+
 class CommentRequest(_Strict):
     body = fields.String(required=True, validate=validate.Length(min=1, max=65536))
     public = fields.Boolean(load_default=True)

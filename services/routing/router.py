@@ -37,7 +37,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from contracts import routing as contract
-from contracts.errors import Conflict, HelpdeskError, ValidationError
+from contracts.errors import Conflict, HelpdeskError, ValidationError, error_from_payload
 from servicekit.config import env
 from servicekit.outbox import add_event
 from services.routing import domain, metrics, operations as ops, rules
@@ -47,10 +47,12 @@ log = logging.getLogger(__name__)
 
 MAX_CLAIM_ATTEMPTS = 5
 MAX_DRAIN_ROUNDS = 20
-# tickets claimed in one transaction by a drain round; their deliveries to the tickets service
-# run this many at a time, and are confirmed together in one transaction
+# tickets claimed in one transaction by a drain round, and delivered in one assign_tickets call;
+# this many batches are delivered at a time while the next ones are claimed
 CLAIM_BATCH = 32
-DELIVERY_CONCURRENCY = 16
+DELIVERY_CONCURRENCY = 4
+# the rules' changes of waiting tickets, sent on their own: this many calls at a time
+CHANGES_CONCURRENCY = 8
 # how long a finished delivery waits for others to be confirmed with it in one transaction
 CONFIRM_GATHER_SECONDS = 0.005
 # how often the sweeper checks every agent's active_load against a recount of the mirror
@@ -117,14 +119,15 @@ class _Planned:
     changes: dict | None
 
 
-# what _deliver_one answers for a claim the tickets service refused (its slot went back)
+# what _deliver_batch answers for a claim the tickets service refused (its slot went back)
 _RELEASED = object()
 
 
 class _Deliveries:
-    """Claims being delivered to the tickets service, ``size`` calls at a time, confirmed in
-    batches: a delivery that finishes while a confirmation runs joins the next one (one
-    transaction per batch), and the drain that submitted them goes on claiming meanwhile."""
+    """Batches of claims being delivered to the tickets service (one ``assign_tickets`` call
+    per batch, a few batches at a time), confirmed in batches too: a delivery that finishes
+    while a confirmation runs joins the next one (one transaction per batch), and the drain that
+    submitted them goes on claiming meanwhile."""
 
     def __init__(self, router: "Router", size: int):
         self._router = router
@@ -134,25 +137,26 @@ class _Deliveries:
         self.delivered = self.released = 0
 
     def submit(self, claims) -> None:
-        for claim in claims:
-            self._pool.spawn_n(self._deliver, claim)
+        if claims:
+            self._pool.spawn_n(self._deliver, list(claims))
 
-    def _deliver(self, claim: Claim) -> None:
+    def _deliver(self, claims: list) -> None:
         try:
-            answer = self._router._deliver_one(claim)
-        except Exception as exc:  # e.g. the release's transaction failed: the sweeper re-drives it
-            log.warning("delivery of the claim on %s failed: %r", claim.ticket_id, exc)
+            answers = self._router._deliver_batch(claims)
+        except Exception as exc:  # e.g. a release's transaction failed: the sweeper re-drives them
+            log.warning("delivery of %d claims failed: %r", len(claims), exc)
             return
-        if answer is _RELEASED:
-            self.released += 1
-        elif answer is not None:
-            self._ready.append((claim, answer))
-            if not self._confirming:
-                self._confirming = True
-                # a confirmation does not yield (SQLite, no I/O), so without a pause each would
-                # confirm only its own claim: the deliveries answered meanwhile join this one
-                eventlet.sleep(CONFIRM_GATHER_SECONDS)
-                self._confirm_ready()
+        for claim, answer in zip(claims, answers):
+            if answer is _RELEASED:
+                self.released += 1
+            elif answer is not None:
+                self._ready.append((claim, answer))
+        if self._ready and not self._confirming:
+            self._confirming = True
+            # a confirmation does not yield (SQLite, no I/O), so without a pause each batch would
+            # be confirmed alone: the deliveries answered meanwhile join this one
+            eventlet.sleep(CONFIRM_GATHER_SECONDS)
+            self._confirm_ready()
 
     def _confirm_ready(self) -> None:
         try:
@@ -354,7 +358,7 @@ class Router:
                 return None
             return ticket_id
 
-        done = [ticket_id for ticket_id in eventlet.GreenPool(DELIVERY_CONCURRENCY).imap(send, pending) if ticket_id]
+        done = [ticket_id for ticket_id in eventlet.GreenPool(CHANGES_CONCURRENCY).imap(send, pending) if ticket_id]
         if done:
             with self.uow.transaction() as session:
                 session.execute(update(RoutedTicket).where(RoutedTicket.ticket_id.in_(done))
@@ -411,29 +415,43 @@ class Router:
         deliveries.submit(claims)
         return deliveries.wait()
 
-    def _deliver_one(self, claim: Claim):
-        """The tickets service's view after the assignment; _RELEASED when it refused; None when
-        it did not answer (the sweeper re-drives the claim: the assign RPC is idempotent, and
-        the rules' changes go compare-and-set, so a repeat cannot undo a later edit)."""
-        if claim.changes:
-            try:
-                return self.tickets.update_ticket(ops.SYSTEM_ACTOR, claim.ticket_id, {
-                    **claim.changes["fields"], "assignee_id": claim.agent_id, "group": claim.tier},
-                    claim.changes["if_version"])
-            except HelpdeskError as refusal:
-                # changed since the rules ran (or their changes refused): the assignment goes alone
-                log.info("rules' changes %s not applied to %s: %s", claim.changes["fields"], claim.ticket_id, refusal)
-            except Exception as exc:
-                log.warning("assignment of %s to %s not delivered yet: %r", claim.ticket_id, claim.agent_id, exc)
-                return None
+    def _deliver_batch(self, claims: list) -> list:
+        """Tell the tickets service about these claims in one call. Per claim, in order: the
+        tickets service's view after the assignment; _RELEASED when it refused (the slot went
+        back); None when it did not answer (the sweeper re-drives the claim: an assignment is
+        idempotent, and the rules' changes go compare-and-set, so a repeat undoes nothing)."""
+        answers = self._assign(claims, with_changes=True)
+        # the rules' changes refused (the ticket changed since they ran): the assignment alone
+        alone = [i for i, (claim, answer) in enumerate(zip(claims, answers))
+                 if claim.changes and isinstance(answer, HelpdeskError)]
+        for i in alone:
+            log.info("rules' changes %s not applied to %s: %s", claims[i].changes["fields"], claims[i].ticket_id,
+                     answers[i])
+        for i, answer in zip(alone, self._assign([claims[i] for i in alone], with_changes=False)):
+            answers[i] = answer
+        for i, (claim, answer) in enumerate(zip(claims, answers)):
+            if isinstance(answer, HelpdeskError):  # closed, gone: the slot goes back
+                self._release(claim, f"the tickets service refused the assignment: {answer}")
+                answers[i] = _RELEASED
+        return answers
+
+    def _assign(self, claims: list, with_changes: bool) -> list:
+        """One ``assign_tickets`` call: per claim its view, its typed error, or None (no answer)."""
+        if not claims:
+            return []
+        assignments = []
+        for claim in claims:
+            assignment = {"ticket_id": claim.ticket_id, "assignee_id": claim.agent_id, "group": claim.tier}
+            if with_changes and claim.changes:
+                assignment.update(changes=claim.changes["fields"], expected_version=claim.changes["if_version"])
+            assignments.append(assignment)
         try:
-            return self.tickets.assign_ticket(ops.SYSTEM_ACTOR, claim.ticket_id, claim.agent_id, claim.tier)
-        except HelpdeskError as refusal:  # closed, gone: the slot goes back
-            self._release(claim, f"the tickets service refused the assignment: {refusal}")
-            return _RELEASED
+            results = self.tickets.assign_tickets(ops.SYSTEM_ACTOR, assignments)
         except Exception as exc:
-            log.warning("assignment of %s to %s not delivered yet: %r", claim.ticket_id, claim.agent_id, exc)
-            return None
+            log.warning("assignment of %d tickets not delivered yet: %r", len(claims), exc)
+            return [None] * len(claims)
+        return [result["ticket"] if "ticket" in result else error_from_payload(result["error"])
+                for result in results]
 
     def _confirm_all(self, delivered: list) -> None:
         """``assigning -> assigned`` for each delivered claim, once (a compare-and-set on its

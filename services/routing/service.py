@@ -70,6 +70,9 @@ class TicketsPort:
     def assign_ticket(self, actor, ticket_id, assignee_id, group):
         return self._call("assign_ticket", actor, ticket_id, assignee_id, group)
 
+    def assign_tickets(self, actor, assignments):
+        return self._call("assign_tickets", actor, assignments)
+
     def update_ticket(self, actor, ticket_id, changes, expected_version=None):
         return self._call("update_ticket", actor, ticket_id, changes, expected_version)
 

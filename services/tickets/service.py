@@ -4,7 +4,7 @@ from nameko.constants import NON_PERSISTENT
 from nameko.rpc import RpcProxy
 
 from contracts import tickets as contract
-from contracts.errors import ValidationError
+from contracts.errors import HelpdeskError, ValidationError, error_payload
 from servicekit.context import RequestContext
 from servicekit.inputs import actor as _actor, expected_version as _version, load as _load
 from servicekit.entrypoints import rpc
@@ -19,6 +19,7 @@ _update_schema = schemas.UpdateTicketSchema()
 _assign_schema = schemas.AssignSchema()
 _comment_schema = schemas.CommentSchema()
 _list_schema = schemas.ListTicketsSchema()
+_assignments_schema = contract.AssignmentRequest(many=True)
 _sla_schema = contract.TicketSlaUpdatedPayload
 
 
@@ -68,6 +69,36 @@ class TicketsService(ServiceProbes):
         with self.db.transaction() as session:
             return operations.assign_ticket(session, actor, ticket_id, data["assignee_id"], data["group"],
                                             _version(expected_version))
+
+    @rpc
+    def assign_tickets(self, actor, assignments):
+        """Many assignments in one call (routing delivers its batches so: one message and one
+        worker instead of one per ticket). Each is applied in its own transaction, exactly as
+        ``assign_ticket`` or, when it carries other ``changes``, ``update_ticket`` would apply it;
+        the answer lists, in order, ``{"ticket": view}`` or ``{"error": {code, detail, errors}}``."""
+        actor = _actor(actor)
+        if not isinstance(assignments, list) or not 1 <= len(assignments) <= contract.MAX_ASSIGNMENTS_PER_CALL:
+            raise ValidationError(f"assignments must be a list of 1-{contract.MAX_ASSIGNMENTS_PER_CALL}",
+                                  {"assignments": [f"1-{contract.MAX_ASSIGNMENTS_PER_CALL} items"]})
+        answers = []
+        for item in _load(_assignments_schema, assignments):
+            try:
+                answers.append({"ticket": self._assign_one(actor, item)})
+            except HelpdeskError as exc:
+                answers.append({"error": error_payload(exc)})
+        return answers
+
+    def _assign_one(self, actor, item):
+        if item["changes"]:
+            fields = {**item["changes"], "assignee_id": item["assignee_id"]}
+            if item["group"] is not None:  # as in assign_ticket, no group keeps the ticket's group
+                fields["group"] = item["group"]
+            changes = _load(_update_schema, fields)
+            with self.db.transaction() as session:
+                return operations.update_ticket(session, actor, item["ticket_id"], changes, item["expected_version"])
+        with self.db.transaction() as session:
+            return operations.assign_ticket(session, actor, item["ticket_id"], item["assignee_id"], item["group"],
+                                            item["expected_version"])
 
     @rpc
     def unassign_ticket(self, actor, ticket_id, expected_version=None):

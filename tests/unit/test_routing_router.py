@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from contracts import routing as contract
-from contracts.errors import Conflict, NotFound, PreconditionFailed, ValidationError
+from contracts.errors import Conflict, HelpdeskError, NotFound, PreconditionFailed, ValidationError, error_payload
 from servicekit.tables import OUTBOX
 from services.routing import operations as ops
 from services.routing.models import Decision, RoutedTicket, Skill
@@ -80,6 +80,23 @@ class FakeTickets:
         if assignee_id is not None and ticket["status"] == "new":
             changes["status"] = "open"
         return self._change(ticket_id, **changes)
+
+    def assign_tickets(self, actor, assignments):
+        """As the tickets service: each assignment on its own, a typed error per refusal; any
+        other exception (a lost reply) fails the whole call."""
+        answers = []
+        for item in assignments:
+            try:
+                if item.get("changes"):
+                    view = self.update_ticket(actor, item["ticket_id"], {
+                        **item["changes"], "assignee_id": item["assignee_id"], "group": item["group"]},
+                        item.get("expected_version"))
+                else:
+                    view = self.assign_ticket(actor, item["ticket_id"], item["assignee_id"], item["group"])
+                answers.append({"ticket": view})
+            except HelpdeskError as exc:
+                answers.append({"error": error_payload(exc)})
+        return answers
 
     def update_ticket(self, actor, ticket_id, changes, expected_version=None):
         self._called("update_ticket", ticket_id, changes)
@@ -301,7 +318,7 @@ def test_an_unanswered_delivery_stays_assigning_until_the_sweeper_delivers_it_ag
     routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=0), port=port)
     routing.agent("ann")
     ticket = tickets.create()
-    proxy.lose_replies("assign_ticket")
+    proxy.lose_replies("assign_tickets")
 
     routing.pump()  # the assignment happened in tickets, its answer never came; its event did
 
@@ -560,7 +577,7 @@ def test_the_sweeper_does_not_redeliver_a_claim_someone_else_overtook(routing_uo
     routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=0.0), port=TicketsPort(port, 0.2))
     routing.agent("ann", capacity=3)
     routing.agent("xav", capacity=3, presence="away")
-    port.lose_replies("assign_ticket")
+    port.lose_replies("assign_tickets")
     ticket = tickets.create()
     routing.pump()
     tickets._change(ticket["id"], assignee_id="xav")  # a supervisor assigns by hand
@@ -590,7 +607,7 @@ def test_escalating_a_ticket_whose_claim_is_in_flight_asks_to_retry(routing_uow,
     port = SilentProxy(tickets)
     routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=60.0), port=TicketsPort(port, 0.2))
     routing.agent("ann", tiers=("L1",), capacity=3)
-    port.lose_replies("assign_ticket")  # the claim's delivery gets no answer: it stays assigning
+    port.lose_replies("assign_tickets")  # the claim's delivery gets no answer: it stays assigning
     ticket = tickets.create()
     routing.pump()
     assert routing.row(ticket["id"])["state"] == "assigning"
@@ -864,3 +881,21 @@ def test_an_assignment_undone_before_its_confirmation_is_not_kept(routing_uow):
     assert routing.row(ticket["id"])["assignee_id"] is None
     assert routing.state(ticket["id"]) == "queued"  # unassigned and active: back in the queue
     assert routing.load("ann") == 0
+
+
+def test_a_claim_whose_rules_changes_were_overtaken_is_delivered_as_a_plain_assignment(routing_uow, tickets):
+    routing = Routing(routing_uow, tickets)
+    routing.router = Router(routing_uow, tickets, RoutingSettings(), wake=lambda trigger: None)
+    _rule(routing, set_category="network")
+    routing.agent("ann")
+    ticket = tickets.create(subject="VPN down")
+    routing.pump()  # triaged and queued; the dispatcher's round has not run yet
+    tickets._change(ticket["id"], subject="VPN down at the branch")  # the requester edits it first
+    routing.pump()
+    routing.router.dispatch("created")
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "ann"
+    assert tickets.tickets[ticket["id"]]["category"] is None  # the rules' change lost to the edit
+    assert routing.state(ticket["id"]) == "assigned" and routing.load("ann") == 1
+    assert _pending(routing_uow, ticket["id"]) is None
+    assert [c[0] for c in tickets.calls if c[0] in ("update_ticket", "assign_ticket")] == [
+        "update_ticket", "assign_ticket"]  # refused compare-and-set, then the assignment alone

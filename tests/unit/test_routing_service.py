@@ -40,6 +40,11 @@ class FakeTickets:
         return snapshot(ticket_id, version=self.versions[ticket_id], assignee_id=assignee_id,
                         status="open" if assignee_id else "new", group=group)
 
+    def assign_tickets(self, actor, assignments):
+        return [{"ticket": self.update_ticket(actor, a["ticket_id"], {**a["changes"], "group": a["group"]})
+                 if a.get("changes") else self.assign_ticket(actor, a["ticket_id"], a["assignee_id"], a["group"])}
+                for a in assignments]
+
     def get_ticket(self, actor, ticket_id):
         self.calls.append(("get_ticket", ticket_id))
         return {**snapshot(ticket_id), "description": "text"}

@@ -322,3 +322,53 @@ def test_a_malformed_event_is_unprocessable_and_changes_nothing(service, ticket,
     with pytest.raises(UnprocessableEvent):
         service.on_ticket_sla_updated(mangle(sla_event(ticket["id"])))
     assert count(uow, HANDLED_EVENTS) == 0 and sla_entries(uow) == 0
+
+
+# --- assign_tickets: routing's batches -------------------------------------------------------------
+
+def test_assign_tickets_applies_each_assignment_on_its_own_and_answers_in_order(service):
+    first, second, third = (service.create_ticket(ALICE, NEW)["ticket"] for _ in range(3))
+    service.update_ticket(AGENT, second["id"], {"subject": "edited meanwhile"})  # now at version 2
+    answers = service.assign_tickets(AGENT, [
+        {"ticket_id": first["id"], "assignee_id": "agent-1", "group": "L1"},
+        # the rules' changes, compare-and-set on the version they saw: refused, nothing applied
+        {"ticket_id": second["id"], "assignee_id": "agent-1", "group": "L1",
+         "changes": {"category": "network"}, "expected_version": 1},
+        {"ticket_id": MISSING, "assignee_id": "agent-1"},
+        {"ticket_id": third["id"], "assignee_id": "agent-2", "group": "L2",
+         "changes": {"category": "network", "priority": "high"}, "expected_version": 1},
+    ])
+    assert [sorted(a) for a in answers] == [["ticket"], ["error"], ["error"], ["ticket"]]
+    assert answers[0]["ticket"]["assignee_id"] == "agent-1" and answers[0]["ticket"]["status"] == "open"
+    assert answers[1]["error"]["code"] == "precondition_failed"
+    assert answers[2]["error"]["code"] == "not_found"
+    assert (answers[3]["ticket"]["category"], answers[3]["ticket"]["priority"], answers[3]["ticket"]["group"],
+            answers[3]["ticket"]["version"]) == ("network", "high", "L2", 2)  # one version step
+    assert service.get_ticket(AGENT, second["id"])["assignee_id"] is None
+
+
+def test_assign_tickets_refuses_a_malformed_batch_whole(service, ticket):
+    assert "assignments" in invalid(service.assign_tickets, AGENT, [])
+    assert "assignments" in invalid(service.assign_tickets, AGENT, {"ticket_id": ticket["id"]})
+    too_many = [{"ticket_id": ticket["id"], "assignee_id": "a"}] * 101
+    assert "assignments" in invalid(service.assign_tickets, AGENT, too_many)
+    errors = invalid(service.assign_tickets, AGENT, [{"ticket_id": ticket["id"], "assignee_id": "a", "colour": "red"}])
+    assert list(errors.values()) == [{"colour": ["Unknown field."]}]  # keyed by the assignment's index
+    invalid(service.assign_tickets, AGENT, [{"ticket_id": ticket["id"], "assignee_id": "a", "expected_version": "1"}])
+    assert service.get_ticket(AGENT, ticket["id"])["assignee_id"] is None
+
+
+def test_assign_tickets_answers_a_changes_field_error_for_that_assignment_only(service):
+    first, second = (service.create_ticket(ALICE, NEW)["ticket"] for _ in range(2))
+    answers = service.assign_tickets(AGENT, [
+        {"ticket_id": first["id"], "assignee_id": "agent-1", "changes": {"priority": "whenever"}},
+        {"ticket_id": second["id"], "assignee_id": "agent-1"},
+    ])
+    assert answers[0]["error"]["code"] == "validation_error" and "priority" in answers[0]["error"]["errors"]
+    assert answers[1]["ticket"]["assignee_id"] == "agent-1"
+
+
+def test_a_requester_cannot_assign_through_a_batch(service, ticket):
+    answers = service.assign_tickets(ALICE, [{"ticket_id": ticket["id"], "assignee_id": "alice"}])
+    assert answers[0]["error"]["code"] in ("forbidden", "not_found")
+    assert service.get_ticket(AGENT, ticket["id"])["assignee_id"] is None
