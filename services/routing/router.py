@@ -447,6 +447,13 @@ class Router:
             assignments.append(assignment)
         try:
             results = self.tickets.assign_tickets(ops.SYSTEM_ACTOR, assignments)
+        except HelpdeskError as refusal:
+            if len(claims) == 1:
+                return [refusal]
+            # the batch refused whole (one malformed assignment): each on its own, so that the
+            # others are not re-driven with it forever
+            log.warning("a batch of %d assignments was refused whole, one by one now: %s", len(claims), refusal)
+            return [answer for claim in claims for answer in self._assign([claim], with_changes)]
         except Exception as exc:
             log.warning("assignment of %d tickets not delivered yet: %r", len(claims), exc)
             return [None] * len(claims)

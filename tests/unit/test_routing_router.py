@@ -899,3 +899,23 @@ def test_a_claim_whose_rules_changes_were_overtaken_is_delivered_as_a_plain_assi
     assert _pending(routing_uow, ticket["id"]) is None
     assert [c[0] for c in tickets.calls if c[0] in ("update_ticket", "assign_ticket")] == [
         "update_ticket", "assign_ticket"]  # refused compare-and-set, then the assignment alone
+
+
+class _WholeBatchRefused(FakeTickets):
+    """A tickets service that refuses any batch of more than one assignment as malformed."""
+
+    def assign_tickets(self, actor, assignments):
+        if len(assignments) > 1:
+            raise ValidationError("invalid request", {"0": {"colour": ["Unknown field."]}})
+        return super().assign_tickets(actor, assignments)
+
+
+def test_a_batch_refused_whole_is_delivered_one_assignment_at_a_time(routing_uow):
+    tickets = _WholeBatchRefused()
+    routing = Routing(routing_uow, tickets)
+    routing.agent("ann", capacity=3, presence="offline")
+    burst = [tickets.create() for _ in range(3)]
+    routing.pump()
+    routing.presence("ann", "online")
+    assert [tickets.tickets[t["id"]]["assignee_id"] for t in burst] == ["ann"] * 3
+    assert [routing.state(t["id"]) for t in burst] == ["assigned"] * 3 and routing.load("ann") == 3
