@@ -78,7 +78,13 @@ def error_payload(exc: HelpdeskError) -> dict:
     return {"code": exc.code, "detail": exc.detail, "errors": exc.errors}
 
 
-def error_from_payload(payload: dict) -> HelpdeskError:
-    """The typed error ``error_payload`` described (HelpdeskError for a code it does not know)."""
-    cls = _BY_CODE.get(payload.get("code"), HelpdeskError)
-    return cls(payload.get("detail", ""), payload.get("errors"))
+# an item of a batch that failed for a reason other than a typed refusal (its transaction rolled
+# back): the caller may try it again later
+UNAVAILABLE = "unavailable"
+
+
+def error_from_payload(payload) -> HelpdeskError | None:
+    """The typed error ``error_payload`` described; None when it is not a typed refusal (the
+    ``unavailable`` code, a code this side does not know, a malformed payload): not final."""
+    cls = _BY_CODE.get(payload.get("code")) if isinstance(payload, dict) else None
+    return cls(payload.get("detail", ""), payload.get("errors")) if cls else None

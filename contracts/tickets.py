@@ -107,7 +107,8 @@ MAX_ASSIGNMENTS_PER_CALL = 100
 
 class AssignmentRequest(AssignRequest):
     ticket_id = fields.String(required=True, validate=validate.Length(min=1, max=36))
-    # other fields to change with the assignment (an update_ticket body without assignee/group)
+    # other fields to change with the assignment (an update_ticket body without assignee_id,
+    # group or status; refused per assignment otherwise)
     changes = fields.Dict(load_default=None, allow_none=True)
     expected_version = fields.Integer(load_default=None, allow_none=True, strict=True,
                                       validate=validate.Range(min=1))

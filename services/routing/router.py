@@ -137,8 +137,9 @@ class _Deliveries:
         self.delivered = self.released = 0
 
     def submit(self, claims) -> None:
-        if claims:
-            self._pool.spawn_n(self._deliver, list(claims))
+        claims = list(claims)
+        for first in range(0, len(claims), CLAIM_BATCH):  # the sweeper's re-drives can be many
+            self._pool.spawn_n(self._deliver, claims[first:first + CLAIM_BATCH])
 
     def _deliver(self, claims: list) -> None:
         try:
@@ -431,7 +432,12 @@ class Router:
             answers[i] = answer
         for i, (claim, answer) in enumerate(zip(claims, answers)):
             if isinstance(answer, HelpdeskError):  # closed, gone: the slot goes back
-                self._release(claim, f"the tickets service refused the assignment: {answer}")
+                try:
+                    self._release(claim, f"the tickets service refused the assignment: {answer}")
+                except Exception as exc:  # still assigning: the sweeper delivers it again
+                    log.warning("release of the claim on %s failed: %r", claim.ticket_id, exc)
+                    answers[i] = None
+                    continue
                 answers[i] = _RELEASED
         return answers
 
@@ -457,7 +463,13 @@ class Router:
         except Exception as exc:
             log.warning("assignment of %d tickets not delivered yet: %r", len(claims), exc)
             return [None] * len(claims)
-        return [result["ticket"] if "ticket" in result else error_from_payload(result["error"])
+        if not isinstance(results, list) or len(results) != len(claims):
+            log.error("assign_tickets answered %r for %d assignments: left for the sweeper", results, len(claims))
+            return [None] * len(claims)
+        # per assignment: its view; its typed refusal; or None (not applied for another reason,
+        # an answer this side cannot read): left "assigning" for the sweeper to deliver again
+        return [result["ticket"] if isinstance(result, dict) and isinstance(result.get("ticket"), dict)
+                else error_from_payload(result.get("error")) if isinstance(result, dict) else None
                 for result in results]
 
     def _confirm_all(self, delivered: list) -> None:

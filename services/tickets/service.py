@@ -4,7 +4,9 @@ from nameko.constants import NON_PERSISTENT
 from nameko.rpc import RpcProxy
 
 from contracts import tickets as contract
-from contracts.errors import HelpdeskError, ValidationError, error_payload
+import logging
+
+from contracts.errors import UNAVAILABLE, HelpdeskError, ValidationError, error_payload
 from servicekit.context import RequestContext
 from servicekit.inputs import actor as _actor, expected_version as _version, load as _load
 from servicekit.entrypoints import rpc
@@ -20,6 +22,7 @@ _assign_schema = schemas.AssignSchema()
 _comment_schema = schemas.CommentSchema()
 _list_schema = schemas.ListTicketsSchema()
 _assignments_schema = contract.AssignmentRequest(many=True)
+log = logging.getLogger(__name__)
 _sla_schema = contract.TicketSlaUpdatedPayload
 
 
@@ -86,9 +89,16 @@ class TicketsService(ServiceProbes):
                 answers.append({"ticket": self._assign_one(actor, item)})
             except HelpdeskError as exc:
                 answers.append({"error": error_payload(exc)})
+            except Exception as exc:  # its transaction rolled back; the others still get their answer
+                log.warning("assignment of %s failed: %r", item["ticket_id"], exc)
+                answers.append({"error": {"code": UNAVAILABLE, "detail": "not applied; try again later",
+                                          "errors": {}}})
         return answers
 
     def _assign_one(self, actor, item):
+        if item["changes"] and {"assignee_id", "group", "status"} & set(item["changes"]):
+            raise ValidationError("changes carry other fields than the assignment's own",
+                                  {"changes": ["no assignee_id, group or status: the assignment sets those"]})
         if item["changes"]:
             fields = {**item["changes"], "assignee_id": item["assignee_id"]}
             if item["group"] is not None:  # as in assign_ticket, no group keeps the ticket's group

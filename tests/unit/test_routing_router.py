@@ -919,3 +919,84 @@ def test_a_batch_refused_whole_is_delivered_one_assignment_at_a_time(routing_uow
     routing.presence("ann", "online")
     assert [tickets.tickets[t["id"]]["assignee_id"] for t in burst] == ["ann"] * 3
     assert [routing.state(t["id"]) for t in burst] == ["assigned"] * 3 and routing.load("ann") == 3
+
+
+# --- batched delivery: partial failures ----------------------------------------------------------
+
+class _Batches(FakeTickets):
+    """Records each assign_tickets call; ``unavailable``: ticket ids answered "not applied, try
+    again later" (what the tickets service answers for an item that failed unexpectedly);
+    ``short``: drop the last answer of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches, self.unavailable, self.short = [], set(), False
+
+    def assign_tickets(self, actor, assignments):
+        self.batches.append(len(assignments))
+        answers = [{"error": {"code": "unavailable", "detail": "not applied", "errors": {}}}
+                   if item["ticket_id"] in self.unavailable else FakeTickets.assign_tickets(self, actor, [item])[0]
+                   for item in assignments]
+        return answers[:-1] if self.short else answers
+
+
+def test_an_assignment_not_applied_for_a_transient_reason_stays_claimed_and_is_redelivered(routing_uow):
+    tickets = _Batches()
+    routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=0.0))
+    routing.agent("ann", capacity=3, presence="offline")
+    first, second, third = (tickets.create() for _ in range(3))
+    routing.pump()
+    tickets.unavailable = {second["id"]}
+    routing.presence("ann", "online")
+    assert [routing.state(t["id"]) for t in (first, second, third)] == ["assigned", "assigning", "assigned"]
+    assert routing.load("ann") == 3  # the transient failure keeps its slot, it is not released
+    tickets.unavailable = set()
+    routing.router.sweep()
+    assert routing.state(second["id"]) == "assigned" and tickets.tickets[second["id"]]["assignee_id"] == "ann"
+
+
+def test_the_sweeper_redelivers_many_stale_claims_in_batches(routing_uow):
+    tickets = _Batches()
+    routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=0.0))
+    routing.agent("ann", capacity=50)
+    created = [tickets.create() for _ in range(40)]
+    tickets.unavailable = {t["id"] for t in created}
+    routing.pump()
+    assert {routing.state(t["id"]) for t in created} == {"assigning"}
+    tickets.unavailable, tickets.batches = set(), []
+    routing.router.sweep()
+    assert {routing.state(t["id"]) for t in created} == {"assigned"}
+    assert max(tickets.batches) <= 32 and sum(tickets.batches) == 40
+
+
+def test_an_answer_that_does_not_match_the_batch_confirms_nothing_of_it(routing_uow):
+    tickets = _Batches()
+    routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=0.0))
+    routing.agent("ann", capacity=3, presence="offline")
+    burst = [tickets.create() for _ in range(3)]
+    routing.pump()
+    tickets.short = True
+    routing.presence("ann", "online")
+    assert {routing.state(t["id"]) for t in burst} == {"assigning"}  # none half-confirmed
+    tickets.short = False
+    routing.router.sweep()
+    assert {routing.state(t["id"]) for t in burst} == {"assigned"} and routing.load("ann") == 3
+
+
+def test_a_failed_release_does_not_hold_back_the_rest_of_its_batch(routing_uow, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    tickets = FakeTickets()
+    routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=60.0))
+    routing.agent("ann", capacity=3, presence="offline")
+    closed, fine = tickets.create(), tickets.create()
+    routing.pump()
+    tickets.set_status(closed["id"], "closed")  # routing has not seen it: its assignment is refused
+
+    def release(claim, reason):
+        raise OperationalError("UPDATE routing_decisions", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(routing.router, "_release", release)
+    routing.presence("ann", "online")
+    assert routing.state(fine["id"]) == "assigned"
+    assert routing.state(closed["id"]) == "assigning"  # left for the sweeper

@@ -372,3 +372,29 @@ def test_a_requester_cannot_assign_through_a_batch(service, ticket):
     answers = service.assign_tickets(ALICE, [{"ticket_id": ticket["id"], "assignee_id": "alice"}])
     assert answers[0]["error"]["code"] in ("forbidden", "not_found")
     assert service.get_ticket(AGENT, ticket["id"])["assignee_id"] is None
+
+
+def test_assign_tickets_answers_an_unexpected_failure_for_that_assignment_only(service, monkeypatch):
+    first, second, third = (service.create_ticket(ALICE, NEW)["ticket"] for _ in range(3))
+    real = operations.assign_ticket
+
+    def assign_ticket(session, actor, ticket_id, *args):
+        if ticket_id == second["id"]:
+            raise RuntimeError("database is locked")
+        return real(session, actor, ticket_id, *args)
+
+    monkeypatch.setattr(operations, "assign_ticket", assign_ticket)
+    answers = service.assign_tickets(AGENT, [{"ticket_id": t["id"], "assignee_id": "agent-1"}
+                                             for t in (first, second, third)])
+    assert [sorted(a) for a in answers] == [["ticket"], ["error"], ["ticket"]]
+    assert answers[1]["error"]["code"] == "unavailable"
+    assert service.get_ticket(AGENT, second["id"])["assignee_id"] is None
+    assert service.get_ticket(AGENT, third["id"])["assignee_id"] == "agent-1"
+
+
+def test_assign_tickets_refuses_changes_that_are_the_assignments_own_fields(service, ticket):
+    for changes in ({"assignee_id": "someone-else"}, {"group": "L3"}, {"status": "solved"}):
+        answers = service.assign_tickets(AGENT, [{"ticket_id": ticket["id"], "assignee_id": "agent-1",
+                                                  "changes": changes}])
+        assert answers[0]["error"]["code"] == "validation_error" and "changes" in answers[0]["error"]["errors"]
+    assert service.get_ticket(AGENT, ticket["id"])["assignee_id"] is None
