@@ -448,8 +448,10 @@ class Router:
         assignments = []
         for claim in claims:
             assignment = {"ticket_id": claim.ticket_id, "assignee_id": claim.agent_id, "group": claim.tier}
-            if with_changes and claim.changes:
-                assignment.update(changes=claim.changes["fields"], expected_version=claim.changes["if_version"])
+            # the rules' group is the claim's tier, which the assignment sets itself
+            changes = {k: v for k, v in (claim.changes or {}).get("fields", {}).items() if k != "group"}
+            if with_changes and changes:
+                assignment.update(changes=changes, expected_version=claim.changes["if_version"])
             assignments.append(assignment)
         try:
             results = self.tickets.assign_tickets(ops.SYSTEM_ACTOR, assignments)

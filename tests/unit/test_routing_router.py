@@ -87,6 +87,8 @@ class FakeTickets:
         answers = []
         for item in assignments:
             try:
+                if {"assignee_id", "group", "status"} & set(item.get("changes") or {}):
+                    raise ValidationError("changes carry the assignment's own fields", {"changes": ["no group"]})
                 if item.get("changes"):
                     view = self.update_ticket(actor, item["ticket_id"], {
                         **item["changes"], "assignee_id": item["assignee_id"], "group": item["group"]},
@@ -1000,3 +1002,14 @@ def test_a_failed_release_does_not_hold_back_the_rest_of_its_batch(routing_uow, 
     routing.presence("ann", "online")
     assert routing.state(fine["id"]) == "assigned"
     assert routing.state(closed["id"]) == "assigning"  # left for the sweeper
+
+
+def test_a_rules_tier_and_priority_ride_with_the_assignment_in_that_tier(routing, tickets):
+    _rule(routing, set_tier="L2", raise_priority="high")
+    routing.agent("lee", tiers=("L2",))
+    ticket = tickets.create(subject="VPN down")
+    routing.pump()
+    record = tickets.tickets[ticket["id"]]
+    assert (record["assignee_id"], record["group"], record["priority"]) == ("lee", "L2", "high")
+    assert [c for c in tickets.calls if c[0] == "update_ticket"] == [
+        ("update_ticket", ticket["id"], {"priority": "high", "assignee_id": "lee", "group": "L2"})]
