@@ -142,15 +142,21 @@ def lock_ticket(session: Session, ticket_id: str) -> None:
                     .values(updated_at=now_utc()))
 
 
+def _sqlite_write_lock(session: Session, ticket_id: str) -> None:
+    """On SQLite, take the database's write lock before reading what a batch will change (FOR
+    UPDATE is not SQLite's: any write locks, this one changes nothing); elsewhere nothing."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(RoutedTicket).where(RoutedTicket.ticket_id == ticket_id)
+                        .values(updated_at=RoutedTicket.updated_at))
+
+
 def lock_tickets(session: Session, ticket_ids) -> dict:
     """Lock these tickets' rows in id order (PostgreSQL: two batches never wait on each other
     in a cycle) or take SQLite's write lock, then load them: {ticket_id: RoutedTicket}."""
     ids = sorted(set(ticket_ids))
     if not ids:
         return {}
-    if session.get_bind().dialect.name == "sqlite":  # FOR UPDATE is not SQLite's: any write locks
-        session.execute(update(RoutedTicket).where(RoutedTicket.ticket_id == ids[0])
-                        .values(updated_at=RoutedTicket.updated_at))
+    _sqlite_write_lock(session, ids[0])
     rows = session.scalars(select(RoutedTicket).where(RoutedTicket.ticket_id.in_(ids))
                            .order_by(RoutedTicket.ticket_id).with_for_update())
     return {row.ticket_id: row for row in rows}
@@ -171,9 +177,7 @@ def lock_claimable(session: Session, ticket_ids) -> list:
     ids = sorted(set(ticket_ids))
     if not ids:
         return []
-    if session.get_bind().dialect.name == "sqlite":  # FOR UPDATE is not SQLite's: any write locks
-        session.execute(update(_TICKETS).where(_TICKETS.c.ticket_id == ids[0])
-                        .values(updated_at=_TICKETS.c.updated_at))
+    _sqlite_write_lock(session, ids[0])
     return list(session.execute(
         select(_TICKETS.c.ticket_id, _TICKETS.c.tier)
         .where(_TICKETS.c.ticket_id.in_(ids), _TICKETS.c.state == domain.QUEUED, _TICKETS.c.assignee_id.is_(None),
@@ -494,7 +498,7 @@ def snapshot_known_stale(snapshot: dict) -> bool:
 def snapshot_is_stale(session: Session, snapshot: dict) -> bool:
     """True when routing already mirrors this version of the ticket or a newer one (such an
     event is acked without a write transaction; usually without a read, either)."""
-    if snapshot["version"] <= _COMMITTED_VERSIONS.get(snapshot["id"], -1):
+    if snapshot_known_stale(snapshot):
         return True
     held = session.scalar(select(RoutedTicket.ticket_version).where(RoutedTicket.ticket_id == snapshot["id"]))
     return held is not None and snapshot["version"] <= held

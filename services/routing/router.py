@@ -189,7 +189,8 @@ class _Deliveries:
 
 class Router:
     """``uow``: servicekit UnitOfWork; ``tickets``: an object with the tickets RPCs
-    (get_ticket, assign_ticket, update_ticket, add_comment) that raise contracts errors;
+    (get_ticket, assign_ticket, assign_tickets, update_ticket, add_comment) that raise
+    contracts errors;
     ``wake(trigger)``: asks the service's dispatcher to route what is queued, after the caller
     is done (the service's handlers use it, so that tickets are assigned in batches by one
     worker); without it, queued tickets are dispatched inline (tests, tools)."""
