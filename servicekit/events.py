@@ -244,6 +244,9 @@ def _already_applied(check, service, db_attr: str, body) -> bool:
         return False
 
 
+_MARK_HANDLED = HANDLED_EVENTS.insert()  # built once: one per event handled
+
+
 def _claim(session, handler_name: str, event_id: str) -> bool:
     """Insert the (handler, event_id) mark as the transaction's first write; False if it was
     already there.
@@ -254,8 +257,8 @@ def _claim(session, handler_name: str, event_id: str) -> bool:
     whole transaction loses nothing.
     """
     try:
-        session.execute(HANDLED_EVENTS.insert().values(
-            handler=handler_name, event_id=event_id, handled_at=datetime.now(timezone.utc)))
+        session.execute(_MARK_HANDLED, {"handler": handler_name, "event_id": event_id,
+                                        "handled_at": datetime.now(timezone.utc)})
     except IntegrityError:
         session.rollback()
         return False

@@ -7,6 +7,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 
 from sqlalchemy import Text, bindparam, cast, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -185,13 +186,17 @@ def lock_claimable(session: Session, ticket_ids) -> list:
         .order_by(_TICKETS.c.ticket_id).with_for_update(skip_locked=True)).all())
 
 
+# built once: a claim batch runs it once per agent, and building it each time (its cache key
+# included) cost more than the UPDATE itself
+_TAKE_SLOTS = (update(_AGENTS).where(_AGENTS.c.id == bindparam("b_agent_id"), _AGENTS.c.presence == "online",
+                                     _AGENTS.c.active_load + bindparam("b_count") <= _AGENTS.c.capacity)
+               .values(active_load=_AGENTS.c.active_load + bindparam("b_count"),
+                       claim_seq=_AGENTS.c.claim_seq + bindparam("b_count"), last_assigned_at=bindparam("b_now")))
+
+
 def take_slots(session: Session, agent_id: str, count: int, now: datetime) -> bool:
     """Take ``count`` of an online agent's free slots at once, or none (one atomic UPDATE)."""
-    return bool(session.execute(
-        update(_AGENTS).where(_AGENTS.c.id == agent_id, _AGENTS.c.presence == "online",
-                              _AGENTS.c.active_load + count <= _AGENTS.c.capacity)
-        .values(active_load=_AGENTS.c.active_load + count, claim_seq=_AGENTS.c.claim_seq + count,
-                last_assigned_at=now)).rowcount)
+    return bool(session.execute(_TAKE_SLOTS, {"b_agent_id": agent_id, "b_count": count, "b_now": now}).rowcount)
 
 
 def mark_claimed(session: Session, claims, now: datetime) -> None:
@@ -475,6 +480,15 @@ def get_routed(session: Session, ticket_id: str, for_update: bool = False) -> Ro
     return session.get(RoutedTicket, ticket_id, with_for_update=for_update or None)
 
 
+_MIRRORED = select(RoutedTicket.__table__.c.ticket_id).where(RoutedTicket.__table__.c.ticket_id == bindparam("b_id"))
+
+
+def is_mirrored(session: Session, ticket_id: str) -> bool:
+    """A plain existence check, much cheaper than loading the row: a ticket_created is nearly
+    always the first routing hears of its ticket."""
+    return session.execute(_MIRRORED, {"b_id": ticket_id}).first() is not None
+
+
 # ticket id -> a version this process saw committed to the mirror (the database holds it or a
 # newer one: a mirrored version never goes down), so the events echoing routing's own
 # assignments are recognised as stale without a read
@@ -505,15 +519,17 @@ def snapshot_is_stale(session: Session, snapshot: dict) -> bool:
 
 
 def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = None, flush: bool = True,
-                   resync: bool = False) -> tuple[RoutedTicket, domain.MirrorChange | None]:
+                   resync: bool = False, probably_new: bool = False) -> tuple[RoutedTicket, domain.MirrorChange | None]:
     """Mirror a ticket snapshot (an event's or an RPC answer's) if it is newer than what we hold.
     ``row``: the ticket's row when the caller already holds it locked; ``flush=False``: the
     caller writes many rows and lets the commit flush them together; ``resync``: apply the
-    version the mirror already holds too (its assignee may have been held for a claim).
+    version the mirror already holds too (its assignee may have been held for a claim);
+    ``probably_new``: the snapshot of a ticket just created, which is looked up with an
+    existence check first (the row is loaded only when there is one).
 
     Returns the row and what the change means for routing (None: stale or duplicate snapshot).
     """
-    if row is None:
+    if row is None and not (probably_new and not is_mirrored(session, snapshot["id"])):
         row = get_routed(session, snapshot["id"], for_update=True)
     now = now_utc()
     if row is not None and (snapshot["version"] < row.ticket_version
@@ -607,10 +623,17 @@ def set_sla_due(session: Session, ticket_id: str, due_at: datetime | None) -> No
 
 # --- decisions ------------------------------------------------------------------------------------
 
+@lru_cache(maxsize=4096)
+def _iso_idle_since(moment: datetime | None) -> str | None:
+    # every decision lists every agent of the tier, whose idle times rarely change between two
+    return iso_utc(moment)
+
+
 def _candidate_view(candidate: domain.Candidate) -> dict:
     return {"agent_id": candidate.agent_id, "excluded": candidate.excluded,
             "missing_skills": list(candidate.missing_skills), "load": candidate.load,
-            "capacity": candidate.capacity, "idle_since": iso_utc(candidate.idle_since), "rank": candidate.rank}
+            "capacity": candidate.capacity, "idle_since": _iso_idle_since(candidate.idle_since),
+            "rank": candidate.rank}
 
 
 def decision_values(ticket_id: str, tier: str, required_skills: list, trigger: str, outcome: str,

@@ -226,7 +226,8 @@ class Router:
         """Run the rules inside the transaction that first saw the ticket (the usual path: one
         transaction less per ticket). None: a rule reads the description, which events do not
         carry, so ``triage`` must fetch it after the commit."""
-        active_rules = ops.enabled_rules(session)
+        with session.no_autoflush:  # the row is written once, at the commit, with the rules' outcome
+            active_rules = ops.enabled_rules(session)
         if active_rules and rules.uses_description(active_rules):
             return None
         outcome = rules.evaluate(active_rules, _rule_input(row)) if active_rules else None
@@ -560,12 +561,14 @@ class Router:
                 return 0
             agents = ops.agent_states(session)
         now = ops.now_utc()
+        relax = self.settings.relax_skills_after_seconds
         waiting = []
         for entry in entries:
-            choice = domain.choose_agent(entry.ticket, agents, now, self.settings.relax_skills_after_seconds)
-            # someone can take it now: a slot freed meanwhile, and that change woke a dispatch
-            if choice.winner is None:
-                waiting.append((entry, choice, entry.trigger or "sweep"))
+            # someone can take it now (it arrived during the round, or a slot freed meanwhile):
+            # the wake that queued it brings another round; the explanation only for the others
+            if domain.choose_agent(entry.ticket, agents, now, relax, record=False).winner is not None:
+                continue
+            waiting.append((entry, domain.choose_agent(entry.ticket, agents, now, relax), entry.trigger or "sweep"))
         return self._note_waiting(waiting) if waiting else 0
 
     def drain_for_agent(self, agent_id: str, trigger: str) -> int:

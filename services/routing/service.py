@@ -214,8 +214,9 @@ class RoutingService(ServiceProbes):
 
     # --- events from tickets: one handler per type, each mirrors the snapshot ----------------
 
-    def _mirror(self, session, envelope):
-        row, change = ops.apply_snapshot(session, envelope["payload"]["ticket"])
+    def _mirror(self, session, envelope, created: bool = False):
+        # not flushed here: the rules change a new row before the commit writes it (one INSERT)
+        row, change = ops.apply_snapshot(session, envelope["payload"]["ticket"], flush=False, probably_new=created)
         if change is not None and change.state == domain.TRIAGE:
             triaged = self.router.triage_in(session, row)
             if triaged is not None:
@@ -227,7 +228,7 @@ class RoutingService(ServiceProbes):
     @handles_event_once(tickets_contract.SERVICE, tickets_contract.TICKET_CREATED,
                         known_stale=_snapshot_known_stale, payload_schema=tickets_contract.TicketCreatedPayload)
     def on_ticket_created(self, session, envelope):
-        return self._mirror(session, envelope)
+        return self._mirror(session, envelope, created=True)
 
     @handles_event_once(tickets_contract.SERVICE, tickets_contract.TICKET_UPDATED, already_applied=_snapshot_held,
                         known_stale=_snapshot_known_stale, payload_schema=tickets_contract.TicketUpdatedPayload)
