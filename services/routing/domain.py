@@ -10,6 +10,7 @@
 """
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from contracts.routing import ACTIVE_STATUSES, EXCLUSION_REASONS, ROUTING_STATES, TIERS
 from contracts.tickets import PRIORITIES
@@ -58,8 +59,9 @@ class QueuedTicket:
     sla_due_at: datetime | None = None
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
+    """One agent of the ticket's tier as the chooser saw it (a tuple: a decision builds one per
+    agent of the tier, and a frozen dataclass cost several times more to build)."""
     agent_id: str
     excluded: str | None
     missing_skills: tuple = ()

@@ -629,18 +629,28 @@ def _iso_idle_since(moment: datetime | None) -> str | None:
     return iso_utc(moment)
 
 
-def _candidate_view(candidate: domain.Candidate) -> dict:
-    return {"agent_id": candidate.agent_id, "excluded": candidate.excluded,
-            "missing_skills": list(candidate.missing_skills), "load": candidate.load,
-            "capacity": candidate.capacity, "idle_since": _iso_idle_since(candidate.idle_since),
-            "rank": candidate.rank}
+# A decision's candidates are stored as rows of these fields and read back as objects: a
+# decision lists every agent of the tier, and as objects their keys were most of each record
+# and of the time it took to encode it.
+CANDIDATE_FIELDS = domain.Candidate._fields
+
+
+def _candidate_row(candidate: domain.Candidate) -> list:
+    return [candidate.agent_id, candidate.excluded, list(candidate.missing_skills), candidate.load,
+            candidate.capacity, _iso_idle_since(candidate.idle_since), candidate.rank]
+
+
+def _candidate_view(stored) -> dict:
+    if isinstance(stored, dict):  # recorded before candidates were stored as rows
+        return stored
+    return dict(zip(CANDIDATE_FIELDS, stored))
 
 
 def decision_values(ticket_id: str, tier: str, required_skills: list, trigger: str, outcome: str,
                     choice: domain.Choice | None = None, agent_id: str | None = None, detail: str | None = None,
                     decision_id: str | None = None) -> dict:
     """A decision row's columns (for a bulk insert; ``new_decision`` for one ORM object)."""
-    candidates = [_candidate_view(c) for c in choice.candidates] if choice else []
+    candidates = [_candidate_row(c) for c in choice.candidates] if choice else []
     if choice and choice.not_in_tier:
         detail = ((detail + "; ") if detail else "") + f"{choice.not_in_tier} agents outside tier {tier} not listed"
     return {"id": decision_id or new_id(), "ticket_id": ticket_id, "decided_at": now_utc(), "trigger": trigger,
@@ -665,7 +675,8 @@ def decision_view(decision: Decision) -> dict:
     return {"id": decision.id, "ticket_id": decision.ticket_id, "decided_at": iso_utc(decision.decided_at),
             "trigger": decision.trigger, "tier": decision.tier, "outcome": decision.outcome,
             "agent_id": decision.agent_id, "required_skills": decision.required_skills,
-            "skills_relaxed": decision.skills_relaxed, "detail": decision.detail, "candidates": decision.candidates}
+            "skills_relaxed": decision.skills_relaxed, "detail": decision.detail,
+            "candidates": [_candidate_view(c) for c in decision.candidates]}
 
 
 def ticket_routing(session: Session, actor, ticket_id: str) -> dict:

@@ -392,6 +392,34 @@ def test_a_duplicate_snapshot_has_no_second_effect(routing, tickets):
     assert len(routing.events(contract.TICKET_ROUTED, ticket["id"])) == 1
 
 
+# --- decision records -----------------------------------------------------------------------------
+
+def test_a_decision_lists_every_candidate_as_an_object_whatever_the_stored_shape(routing, tickets):
+    routing.agent("ann")
+    routing.agent("bob", capacity=0)
+    ticket = tickets.create()
+    routing.pump()
+    with routing.uow.read() as session:
+        decision = session.scalars(select(Decision).where(Decision.ticket_id == ticket["id"],
+                                                          Decision.outcome == "assigned")).one()
+        assert all(isinstance(stored, list) for stored in decision.candidates), "stored as rows"
+        decision_id = decision.id
+        view = ops.ticket_routing(session, SUPERVISOR, ticket["id"])["decisions"][-1]
+    by_agent = {c["agent_id"]: c for c in view["candidates"]}
+    assert by_agent["ann"]["rank"] == 1 and by_agent["ann"]["excluded"] is None
+    assert by_agent["bob"]["excluded"] == "at_capacity" and by_agent["bob"]["capacity"] == 0
+    assert set(by_agent["ann"]) == {"agent_id", "excluded", "missing_skills", "load", "capacity", "idle_since",
+                                    "rank"}
+    # a record written before candidates were stored as rows reads back unchanged
+    old = {"agent_id": "cy", "excluded": "offline", "missing_skills": [], "load": 0, "capacity": 3,
+           "idle_since": None, "rank": None}
+    with routing.uow.transaction() as session:
+        session.get(Decision, decision_id).candidates = [old]
+    with routing.uow.read() as session:
+        view = ops.ticket_routing(session, SUPERVISOR, ticket["id"])["decisions"][-1]
+    assert view["candidates"] == [old]
+
+
 # --- the waiting decision is recorded once per queue entry -----------------------------------
 
 def test_routing_a_waiting_ticket_again_records_the_queued_decision_once(routing, tickets):
