@@ -17,6 +17,7 @@ round. A lost wake costs at most the sweeper's interval: the sweeper dispatches 
 """
 import logging
 
+import eventlet
 from eventlet.event import Event
 from eventlet.queue import Empty, LightQueue
 from nameko.extensions import DependencyProvider, Entrypoint, SharedExtension
@@ -36,6 +37,7 @@ class DispatchSignal(SharedExtension):
     def setup(self):
         self._wakes = LightQueue(maxsize=1)
         self._trigger = None
+        self.stopping = False
 
     def wake(self, trigger: str = DEFAULT_TRIGGER) -> None:
         if self._trigger is None or _TRIGGER_RANK.get(trigger, 2) > _TRIGGER_RANK.get(self._trigger, 2):
@@ -53,6 +55,16 @@ class DispatchSignal(SharedExtension):
             return None
         trigger, self._trigger = self._trigger or DEFAULT_TRIGGER, None
         return trigger
+
+    def next_wake(self, timeout: float) -> str | None:
+        """For the round in progress: a wake that came while it waits for its deliveries is
+        taken by it (its trigger), so that it claims what was queued meanwhile at once rather
+        than after its last delivery. None after ``timeout`` without one, or once the container
+        stops (the round then ends and the loop sees the stop)."""
+        if self.stopping:
+            eventlet.sleep(timeout)
+            return None
+        return self.wait(timeout)
 
 
 class Dispatcher(Entrypoint):
@@ -72,7 +84,7 @@ class Dispatcher(Entrypoint):
         self.gt = self.container.spawn_managed_thread(self._run, identifier="routing_dispatcher")
 
     def stop(self):
-        self._stopping = True
+        self._stopping = self.signal.stopping = True
         self.signal.wake()
         if self.gt is not None:
             self.gt.wait()
@@ -112,7 +124,19 @@ class DispatchRequests(DependencyProvider):
     signal = DispatchSignal()
 
     def get_dependency(self, worker_ctx):
-        return self.signal.wake
+        return _Wake(self.signal)
+
+
+class _Wake:
+    """``wake(trigger)``: ask for a round; ``wake.next_wake(timeout)``: for the dispatch round
+    itself, take a wake that came while it waits (see DispatchSignal.next_wake)."""
+
+    def __init__(self, signal: DispatchSignal):
+        self._signal = signal
+        self.next_wake = signal.next_wake
+
+    def __call__(self, trigger: str = DEFAULT_TRIGGER) -> None:
+        self._signal.wake(trigger)
 
 
 dispatcher = Dispatcher.decorator

@@ -47,6 +47,12 @@ log = logging.getLogger(__name__)
 
 MAX_CLAIM_ATTEMPTS = 5
 MAX_DRAIN_ROUNDS = 20
+# how long one dispatch round keeps taking the wakes that come while its deliveries are under
+# way (then it ends, and the dispatcher starts the next one), and how often it looks at its
+# deliveries meanwhile
+DISPATCH_WAKES_SECONDS = 10.0
+WAKE_POLL_SECONDS = 0.01
+WAKE_WHEN_IN_FLIGHT = 1
 # tickets claimed in one transaction by a drain round, and delivered in one assign_tickets call;
 # this many batches are delivered at a time while the next ones are claimed
 CLAIM_BATCH = 32
@@ -134,6 +140,7 @@ class _Deliveries:
         self._pool = eventlet.GreenPool(size)
         self._ready = []
         self._confirming = False
+        self._answered = 0  # delivery threads past their call (confirming, or waiting to)
         self.delivered = self.released = 0
 
     def submit(self, claims) -> None:
@@ -147,6 +154,13 @@ class _Deliveries:
         except Exception as exc:  # e.g. a release's transaction failed: the sweeper re-drives them
             log.warning("delivery of %d claims failed: %r", len(claims), exc)
             return
+        self._answered += 1
+        try:
+            self._take_answers(claims, answers)
+        finally:
+            self._answered -= 1
+
+    def _take_answers(self, claims: list, answers: list) -> None:
         for claim, answer in zip(claims, answers):
             if answer is _RELEASED:
                 self.released += 1
@@ -180,6 +194,14 @@ class _Deliveries:
                 self.delivered += len(batch)
         finally:
             self._confirming = False
+
+    def busy(self) -> bool:
+        return self._pool.running() > 0
+
+    def in_flight(self) -> int:
+        """Batches not answered yet (a batch being confirmed no longer counts)."""
+        return self._pool.running() - self._answered
+
 
     def wait(self) -> tuple:
         """Once every submitted claim is delivered and confirmed: (delivered, released)."""
@@ -545,12 +567,14 @@ class Router:
 
     # --- many tickets --------------------------------------------------------------------------
 
-    def dispatch(self, trigger: str = "sweep") -> int:
+    def dispatch(self, trigger: str = "sweep", next_wake=None) -> int:
         """Route what waits: assign queued tickets to free agents in queue order (in batches),
         then record, once each, the tickets nobody can take. The service's dispatcher runs this
         whenever a change may have made something routable; the sweeper as a safety net.
-        ``trigger``: why, for tickets that had already waited. Returns how many were assigned."""
-        assigned = self.drain(contract.TIERS, trigger)
+        ``trigger``: why, for tickets that had already waited; ``next_wake(timeout)``: the
+        dispatcher's wakes, taken while the deliveries are under way (see ``drain``). Returns
+        how many were assigned."""
+        assigned = self.drain(contract.TIERS, trigger, next_wake)
         self.note_waiting()
         return assigned
 
@@ -576,23 +600,54 @@ class Router:
             tiers = ops.agent_tiers(session, agent_id)
         return self.drain(tiers, trigger) if tiers else 0
 
-    def drain(self, tiers, trigger: str) -> int:
+    def drain(self, tiers, trigger: str, next_wake=None) -> int:
         """Assign queued tickets of ``tiers`` to free agents, in queue order, until one of the
         two runs out. Each round plans from one read of the agents and the queue and claims the
         plan CLAIM_BATCH tickets per transaction; the claims are delivered (a few at a time)
         and confirmed (in batches) while the next round plans, as a claimed ticket is no longer
         queued and its slot is already taken. A ticket's decision carries its own queue
         trigger (created, reopened, escalated...) the first time it is tried, ``trigger`` once
-        it has waited. Returns how many were assigned."""
+        it has waited. Returns how many were assigned.
+
+        ``next_wake(timeout) -> trigger | None`` (the dispatcher's own round only): once nothing
+        is left to claim, the round waits for its deliveries while taking the wakes that come
+        meanwhile, each starting another round at once (every tier), for at most
+        DISPATCH_WAKES_SECONDS; without it, tickets queued during the last deliveries (tens of
+        milliseconds when the tickets service is busy) would wait for all of them to end."""
         deliveries = _Deliveries(self, DELIVERY_CONCURRENCY)
-        for _ in range(MAX_DRAIN_ROUNDS):
+        wakes_until = time.monotonic() + DISPATCH_WAKES_SECONDS
+        rounds = 0
+        while rounds < MAX_DRAIN_ROUNDS:
+            rounds += 1
             released = deliveries.released  # before the round reads: a slot given back during it counts
             if self._drain_round(tiers, trigger, deliveries):
                 continue  # read again: what arrived meanwhile, or what a lost race left
+            if next_wake is not None and time.monotonic() < wakes_until:
+                self.note_waiting()  # those nobody can take are recorded now, not when the round ends
+                woken = self._wait_for_deliveries(deliveries, next_wake)
+                if woken is not None:
+                    tiers, trigger, rounds = contract.TIERS, woken, 0
+                    continue
             deliveries.wait()
             if deliveries.released == released:
                 break  # nothing to claim, and no refused delivery gave a slot back meanwhile
         return deliveries.wait()[0]
+
+    @staticmethod
+    def _wait_for_deliveries(deliveries: "_Deliveries", next_wake) -> str | None:
+        """Until every delivery is confirmed (None), or a wake's trigger if one comes first
+        while at most WAKE_WHEN_IN_FLIGHT batches are still under way: claiming more while the
+        tickets service works through a queue of batches would only make it longer, and one
+        round per wake would make each round small (it reads the agents and the queue)."""
+        while deliveries.busy():
+            if deliveries.in_flight() <= WAKE_WHEN_IN_FLIGHT:
+                woken = next_wake(WAKE_POLL_SECONDS)
+                if woken is not None:
+                    return woken
+            else:
+                eventlet.sleep(WAKE_POLL_SECONDS)
+            eventlet.sleep(0)  # the deliveries run even if next_wake answered without waiting
+        return None
 
     def _drain_round(self, tiers, trigger: str, deliveries: "_Deliveries") -> bool:
         """One read, one plan, its claims handed to ``deliveries``. True when it claimed

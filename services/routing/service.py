@@ -268,7 +268,7 @@ class RoutingService(ServiceProbes):
 
     @dispatcher
     def dispatch(self, trigger):
-        self.router.dispatch(trigger)
+        self.router.dispatch(trigger, next_wake=self.wake_dispatcher.next_wake)
 
     # --- the safety net -------------------------------------------------------------------------
 

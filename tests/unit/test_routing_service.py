@@ -4,6 +4,7 @@ routing database stands in for ``db``; a recording fake stands in for the ticket
 import uuid
 from types import SimpleNamespace
 
+import eventlet
 import pytest
 from nameko.testing.services import worker_factory
 from sqlalchemy import func, select
@@ -68,8 +69,22 @@ def service(uow, tickets):
     policy = SimpleNamespace(settings=RoutingSettings(), rpc_timeout=1)
     service = worker_factory(RoutingService, db=uow, tickets=tickets, policy=policy)
     # the dispatcher entrypoint runs at once here, instead of in its own worker soon after
-    service.wake_dispatcher = service.dispatch
+    # (and no wake comes while its deliveries are under way)
+    service.wake_dispatcher = _InlineWake(service)
     return service
+
+
+class _InlineWake:
+    def __init__(self, service):
+        self._service = service
+
+    def __call__(self, trigger="sweep"):
+        self._service.dispatch(trigger)
+
+    @staticmethod
+    def next_wake(timeout):
+        eventlet.sleep(timeout)
+        return None
 
 
 def snapshot(ticket_id, version=1, status="new", assignee_id=None, group=None, priority="normal"):
