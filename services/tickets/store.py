@@ -2,8 +2,8 @@
 import uuid
 from datetime import datetime
 
-from sqlalchemy import and_, inspect as sa_inspect, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, bindparam, inspect as sa_inspect, or_, select, update
+from sqlalchemy.orm import Session, joinedload
 
 from services.tickets.models import Comment, Counter, HistoryEntry, IdempotencyKey, Ticket, TicketTag
 
@@ -38,10 +38,13 @@ def get_ticket(session: Session, ticket_id: str, for_update: bool = False) -> Ti
         uuid.UUID(ticket_id)
     except (ValueError, AttributeError, TypeError):
         return None
-    query = select(Ticket).where(Ticket.id == ticket_id)
+    # the tags in the same query: the relationship's own loader (a second SELECT per ticket)
+    # took most of the time of loading one ticket, which every write does first
+    query = select(Ticket).options(joinedload(Ticket.tag_rows)).where(Ticket.id == ticket_id)
     if for_update:
-        query = query.with_for_update()
-    return session.execute(query).scalar_one_or_none()
+        # PostgreSQL locks no row on the nullable side of an outer join: the ticket's row only
+        query = query.with_for_update(of=Ticket)
+    return session.execute(query).unique().scalar_one_or_none()
 
 
 def set_tags(ticket: Ticket, tags: list[str]) -> None:
@@ -78,15 +81,20 @@ def add_history(session: Session, ticket: Ticket, actor, action: str, changes: d
     })
 
 
+# built once (every write runs one); Core statements on the table, so the session's objects
+# are left alone (the caller sets the new version on the object)
+_TICKETS = Ticket.__table__
+_BUMP_VERSION = (update(_TICKETS).where(_TICKETS.c.id == bindparam("b_id"))
+                 .values(version=_TICKETS.c.version + 1, updated_at=bindparam("b_at")))
+_BUMP_VERSION_IF = _BUMP_VERSION.where(_TICKETS.c.version == bindparam("b_expected"))
+
+
 def bump_version(session: Session, ticket: Ticket, expected_version: int | None, at: datetime) -> bool:
     """Compare-and-set the version in SQL so concurrent writers cannot both win."""
-    condition = Ticket.id == ticket.id
-    if expected_version is not None:
-        condition = and_(condition, Ticket.version == expected_version)
-    result = session.execute(
-        update(Ticket).where(condition).values(version=Ticket.version + 1, updated_at=at)
-        .execution_options(synchronize_session=False)
-    )
+    if expected_version is None:
+        result = session.execute(_BUMP_VERSION, {"b_id": ticket.id, "b_at": at})
+    else:
+        result = session.execute(_BUMP_VERSION_IF, {"b_id": ticket.id, "b_at": at, "b_expected": expected_version})
     if result.rowcount != 1:
         return False
     ticket.version = (expected_version if expected_version is not None else ticket.version) + 1
