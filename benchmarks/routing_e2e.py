@@ -91,6 +91,9 @@ class RoutingStack(bench.Stack):
             "HELPDESK_GATEWAY_RATE_LIMIT_BURST": "1000000000",
             "PYTHONUNBUFFERED": "1",
         })
+        for setting in args.set:
+            name, _, value = setting.partition("=")
+            env[f"HELPDESK_{name.upper()}"] = value
         for service, port in ports.items():
             env[f"HELPDESK_{service.upper()}_HTTP_HOST"] = "127.0.0.1"
             env[f"HELPDESK_{service.upper()}_HTTP_PORT"] = str(port)
@@ -390,6 +393,9 @@ def main(argv=None):
     parser.add_argument("--amqp-host", default="localhost:5672", help="broker host:port")
     parser.add_argument("--management-url", default="http://localhost:15672",
                         help="RabbitMQ management API used to create the throwaway vhost")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting of the stack, as HELPDESK_NAME=VALUE (e.g. TICKETS_MAX_WORKERS=20); "
+                             "repeatable")
     parser.add_argument("--log-level", default="WARNING", help="HELPDESK_LOG_LEVEL of the stack")
     parser.add_argument("--keep-var", action="store_true", help="keep the stack's temp dir (databases, logs)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON here")

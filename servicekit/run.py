@@ -13,6 +13,7 @@ import eventlet  # noqa: E402
 eventlet.monkey_patch()
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import importlib  # noqa: E402
 import logging  # noqa: E402
 
@@ -44,7 +45,24 @@ def main(argv=None):
     service_cls = load_service_class(args.service)
     logging.getLogger(__name__).info(
         "starting %s, http on %s:%s", args.service, settings.http_host, settings.http_port)
+    eventlet.spawn_after(GC_FREEZE_AFTER_SECONDS, _freeze_startup_heap, args.service)
     run([service_cls], settings.nameko_config())
+
+
+# Once a service is up, what it built to start (modules, SQLAlchemy's mappers and statements,
+# nameko's extensions, schemas: some 80,000-120,000 objects) lives as long as the process.
+# Left to the cyclic collector, every full collection scanned all of it again: in routing under
+# load two or three a second, each stopping the process for 50-150 ms (measured with gc.callbacks),
+# the largest single delay a ticket met on its way to an agent. Frozen, they are never scanned
+# (refcounting still frees them); a full collection then takes a few milliseconds.
+GC_FREEZE_AFTER_SECONDS = 5.0
+
+
+def _freeze_startup_heap(service: str) -> None:
+    gc.collect()  # what startup left as garbage is not frozen with the rest
+    gc.freeze()
+    logging.getLogger(__name__).info("%s: %d startup objects frozen out of garbage collection",
+                                     service, gc.get_freeze_count())
 
 
 if __name__ == "__main__":
