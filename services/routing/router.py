@@ -471,7 +471,10 @@ class Router:
             return []
         assignments = []
         for claim in claims:
-            assignment = {"ticket_id": claim.ticket_id, "assignee_id": claim.agent_id, "group": claim.tier}
+            # only while nobody else has the ticket: a person's assignment made while the claim
+            # was in flight (or before a re-sent delivery lands) stands, and the claim is released
+            assignment = {"ticket_id": claim.ticket_id, "assignee_id": claim.agent_id, "group": claim.tier,
+                          "only_if_unassigned": True}
             # the rules' group is the claim's tier, which the assignment sets itself
             changes = {k: v for k, v in (claim.changes or {}).get("fields", {}).items() if k != "group"}
             if with_changes and changes:

@@ -173,12 +173,21 @@ def _lock_version(session, ticket, expected_version, now):
 EDITABLE_FIELDS = ("subject", "description", "priority", "category")
 
 
+def _check_unassigned(ticket: Ticket, assignee_id: str | None) -> None:
+    """For an assignment sent ``only_if_unassigned``: the ticket has no assignee, or this one."""
+    if ticket.assignee_id is not None and ticket.assignee_id != assignee_id:
+        raise Conflict("the ticket was assigned to someone else meanwhile",
+                       {"assignee_id": [f"assigned to {ticket.assignee_id}"]})
+
+
 def update_ticket(session: Session, actor: Actor, ticket_id: str, changes: dict,
-                  expected_version: int | None = None) -> dict:
+                  expected_version: int | None = None, only_if_unassigned: bool = False) -> dict:
     """Fields, status and (staff) assignment in one transaction and one version step."""
     if not changes:
         raise ValidationError("nothing to update", {"_schema": ["send at least one field"]})
     ticket = _readable_ticket(session, actor, ticket_id, for_update=True)
+    if only_if_unassigned:
+        _check_unassigned(ticket, changes.get("assignee_id"))
     # who may ask first (403: no state would allow it), then what the ticket's state allows (409)
     access.ensure_can_edit(actor, set(changes), ticket)
     if ticket.status == "closed":
@@ -245,10 +254,13 @@ def _apply_status(ticket: Ticket, status: str, now: datetime) -> None:
 
 
 def assign_ticket(session: Session, actor: Actor, ticket_id: str, assignee_id: str | None,
-                  group: str | None = None, expected_version: int | None = None) -> dict:
+                  group: str | None = None, expected_version: int | None = None,
+                  only_if_unassigned: bool = False) -> dict:
     access.ensure_can_assign(actor)
     ticket = _readable_ticket(session, actor, ticket_id, for_update=True)
     _check_version(ticket, expected_version)
+    if only_if_unassigned:
+        _check_unassigned(ticket, assignee_id)
     if ticket.status == "closed":
         raise Conflict("closed tickets cannot be reassigned", {"status": ["ticket is closed"]})
     # the RPC's group=None means "keep the group" (routing assigns within a tier); PATCH can clear it

@@ -105,10 +105,11 @@ class TicketsService(ServiceProbes):
                 fields["group"] = item["group"]
             changes = _load(_update_schema, fields)
             with self.db.transaction() as session:
-                return operations.update_ticket(session, actor, item["ticket_id"], changes, item["expected_version"])
+                return operations.update_ticket(session, actor, item["ticket_id"], changes, item["expected_version"],
+                                                only_if_unassigned=item["only_if_unassigned"])
         with self.db.transaction() as session:
             return operations.assign_ticket(session, actor, item["ticket_id"], item["assignee_id"], item["group"],
-                                            item["expected_version"])
+                                            item["expected_version"], only_if_unassigned=item["only_if_unassigned"])
 
     @rpc
     def unassign_ticket(self, actor, ticket_id, expected_version=None):

@@ -89,6 +89,10 @@ class FakeTickets:
             try:
                 if {"assignee_id", "group", "status"} & set(item.get("changes") or {}):
                     raise ValidationError("changes carry the assignment's own fields", {"changes": ["no group"]})
+                held_by = self._ticket(item["ticket_id"])["assignee_id"]
+                if item.get("only_if_unassigned") and held_by not in (None, item["assignee_id"]):
+                    raise Conflict("the ticket was assigned to someone else meanwhile",
+                                   {"assignee_id": [f"assigned to {held_by}"]})
                 if item.get("changes"):
                     view = self.update_ticket(actor, item["ticket_id"], {
                         **item["changes"], "assignee_id": item["assignee_id"], "group": item["group"]},
@@ -911,6 +915,30 @@ def test_an_assignment_undone_before_its_confirmation_is_not_kept(routing_uow):
     assert routing.row(ticket["id"])["assignee_id"] is None
     assert routing.state(ticket["id"]) == "queued"  # unassigned and active: back in the queue
     assert routing.load("ann") == 0
+
+
+class _AssignedByHandFirst(FakeTickets):
+    """A supervisor assigns the ticket to bob just before routing's assignment lands."""
+
+    def assign_tickets(self, actor, assignments):
+        for item in assignments:
+            if self.tickets[item["ticket_id"]]["assignee_id"] is None:
+                self.assign_ticket(SUPERVISOR, item["ticket_id"], "bob", None)
+        return super().assign_tickets(actor, assignments)
+
+
+def test_a_ticket_assigned_by_hand_while_the_claim_is_in_flight_stays_with_that_person(routing_uow):
+    tickets = _AssignedByHandFirst()
+    routing = Routing(routing_uow, tickets)
+    routing.agent("ann")
+    routing.agent("bob")
+    ticket = tickets.create()
+    routing.pump()  # routing claims it for ann (least loaded, longest idle) and delivers it
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "bob", "the person's assignment stands"
+    assert routing.outcomes(ticket["id"])[-1][0] == "released"
+    routing.pump()  # the hand assignment's event
+    assert routing.row(ticket["id"])["assignee_id"] == "bob" and routing.state(ticket["id"]) == "assigned"
+    assert routing.load("ann") == 0 and routing.load("bob") == 1
 
 
 def test_a_claim_whose_rules_changes_were_overtaken_is_delivered_as_a_plain_assignment(routing_uow, tickets):

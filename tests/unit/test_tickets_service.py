@@ -378,10 +378,10 @@ def test_assign_tickets_answers_an_unexpected_failure_for_that_assignment_only(s
     first, second, third = (service.create_ticket(ALICE, NEW)["ticket"] for _ in range(3))
     real = operations.assign_ticket
 
-    def assign_ticket(session, actor, ticket_id, *args):
+    def assign_ticket(session, actor, ticket_id, *args, **kwargs):
         if ticket_id == second["id"]:
             raise RuntimeError("database is locked")
-        return real(session, actor, ticket_id, *args)
+        return real(session, actor, ticket_id, *args, **kwargs)
 
     monkeypatch.setattr(operations, "assign_ticket", assign_ticket)
     answers = service.assign_tickets(AGENT, [{"ticket_id": t["id"], "assignee_id": "agent-1"}
@@ -398,3 +398,26 @@ def test_assign_tickets_refuses_changes_that_are_the_assignments_own_fields(serv
                                                   "changes": changes}])
         assert answers[0]["error"]["code"] == "validation_error" and "changes" in answers[0]["error"]["errors"]
     assert service.get_ticket(AGENT, ticket["id"])["assignee_id"] is None
+
+
+def test_an_assignment_only_if_unassigned_never_takes_a_ticket_from_someone_else(service):
+    free, mine, theirs = (service.create_ticket(ALICE, NEW)["ticket"] for _ in range(3))
+    service.assign_ticket(AGENT, mine["id"], "agent-1")
+    held = service.assign_ticket(AGENT, theirs["id"], "agent-2")
+    answers = service.assign_tickets(AGENT, [
+        {"ticket_id": t["id"], "assignee_id": "agent-1", "only_if_unassigned": True} for t in (free, mine, theirs)])
+    assert answers[0]["ticket"]["assignee_id"] == "agent-1"
+    assert answers[1]["ticket"]["assignee_id"] == "agent-1"  # already this agent's: nothing changes
+    assert answers[1]["ticket"]["version"] == service.get_ticket(AGENT, mine["id"])["version"]
+    assert answers[2]["error"]["code"] == "conflict"
+    assert answers[2]["error"]["errors"] == {"assignee_id": ["assigned to agent-2"]}
+    after = service.get_ticket(AGENT, theirs["id"])
+    assert after["assignee_id"] == "agent-2" and after["version"] == held["version"]
+    # with other changes too (the update path): the same precondition, nothing applied
+    answers = service.assign_tickets(AGENT, [{"ticket_id": theirs["id"], "assignee_id": "agent-1",
+                                              "changes": {"priority": "high"}, "only_if_unassigned": True}])
+    assert answers[0]["error"]["code"] == "conflict"
+    assert service.get_ticket(AGENT, theirs["id"])["priority"] == NEW.get("priority", "normal")
+    # without it, as assign_ticket: a reassignment
+    answers = service.assign_tickets(AGENT, [{"ticket_id": theirs["id"], "assignee_id": "agent-1"}])
+    assert answers[0]["ticket"]["assignee_id"] == "agent-1"
