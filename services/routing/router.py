@@ -293,7 +293,8 @@ class Router:
             if outcome.priority and outcome.priority != row.priority:
                 ticket_changes["priority"] = row.priority = outcome.priority
             detail = "rules matched: " + ", ".join(outcome.matched_rule_ids)
-            ops.record_decision(session, row, "created", "triaged", detail=detail)
+            ops.insert_decisions(session, [ops.decision_values(row.ticket_id, row.tier, row.required_skills, "created",
+                                                               "triaged", detail=detail)])
             if escalated_from:  # a rule's starting tier above L1 is an escalation by rule
                 add_event(session, contract.SERVICE, contract.TICKET_ESCALATED, {"ticket_id": row.ticket_id}, {
                     "ticket_id": row.ticket_id, "from_tier": escalated_from, "to_tier": row.tier,

@@ -215,13 +215,17 @@ class RoutingService(ServiceProbes):
     # --- events from tickets: one handler per type, each mirrors the snapshot ----------------
 
     def _mirror(self, session, envelope, created: bool = False):
-        # not flushed here: the rules change a new row before the commit writes it (one INSERT)
-        row, change = ops.apply_snapshot(session, envelope["payload"]["ticket"], flush=False, probably_new=created)
+        # not flushed here: the rules change a new row before it is written (one INSERT)
+        row, change = ops.apply_snapshot(session, envelope["payload"]["ticket"], flush=False, probably_new=created,
+                                         defer_insert=created)
+        after = AfterCommit(self.router.follow_up, row.ticket_id, change)
         if change is not None and change.state == domain.TRIAGE:
             triaged = self.router.triage_in(session, row)
             if triaged is not None:
-                return AfterCommit(self.router.after_triage, row.ticket_id, triaged)
-        return AfterCommit(self.router.follow_up, row.ticket_id, change)
+                after = AfterCommit(self.router.after_triage, row.ticket_id, triaged)
+        if created and ops.is_unsaved(row):
+            ops.insert_routed(session, row)
+        return after
 
     # no read-only pre-check: a ticket_created is nearly always new to routing (a redelivery is
     # caught by the handled-event mark, and its snapshot is then not newer anyway)
