@@ -456,7 +456,15 @@ class Router:
         for i, answer in zip(alone, self._assign([claims[i] for i in alone], with_changes=False)):
             answers[i] = answer
         for i, (claim, answer) in enumerate(zip(claims, answers)):
-            if isinstance(answer, HelpdeskError):  # closed, gone: the slot goes back
+            if isinstance(answer, ValidationError):
+                # our request refused, not the ticket (a tickets service older than this routing,
+                # during an upgrade): released, the ticket would wait unrouted for good; kept for
+                # the sweeper, which delivers it once tickets takes the request
+                log.error("the tickets service refused routing's assignment of %s as invalid: %s",
+                          claim.ticket_id, answer)
+                answers[i] = None
+                continue
+            if isinstance(answer, HelpdeskError):  # closed, gone, someone else's: the slot goes back
                 try:
                     self._release(claim, f"the tickets service refused the assignment: {answer}")
                 except Exception as exc:  # still assigning: the sweeper delivers it again
@@ -627,7 +635,10 @@ class Router:
             if self._drain_round(tiers, trigger, deliveries):
                 continue  # read again: what arrived meanwhile, or what a lost race left
             if next_wake is not None and time.monotonic() < wakes_until:
-                self.note_waiting()  # those nobody can take are recorded now, not when the round ends
+                try:  # those nobody can take are recorded now, not when the round ends
+                    self.note_waiting()
+                except Exception as exc:  # the end of the round, or the sweeper, tries again
+                    log.warning("recording the waiting tickets failed: %r", exc)
                 woken = self._wait_for_deliveries(deliveries, next_wake)
                 if woken is not None:
                     tiers, trigger, rounds = contract.TIERS, woken, 0

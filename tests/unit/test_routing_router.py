@@ -941,6 +941,32 @@ def test_a_ticket_assigned_by_hand_while_the_claim_is_in_flight_stays_with_that_
     assert routing.load("ann") == 0 and routing.load("bob") == 1
 
 
+class _OlderTickets(FakeTickets):
+    """A tickets service from before only_if_unassigned: its strict schema refuses the field."""
+
+    upgraded = False
+
+    def assign_tickets(self, actor, assignments):
+        if not self.upgraded and any("only_if_unassigned" in item for item in assignments):
+            raise ValidationError("invalid request", {"0": {"only_if_unassigned": ["Unknown field."]}})
+        return super().assign_tickets(actor, assignments)
+
+
+def test_an_assignment_refused_as_invalid_is_kept_for_the_sweeper_not_released(routing_uow):
+    tickets = _OlderTickets()
+    settings = RoutingSettings(retry_after_seconds=0)
+    routing = Routing(routing_uow, tickets, settings)
+    routing.agent("ann")
+    ticket = tickets.create()
+    routing.pump()
+    assert tickets.tickets[ticket["id"]]["assignee_id"] is None
+    assert routing.state(ticket["id"]) == "assigning" and routing.load("ann") == 1, "claim kept, not parked"
+    tickets.upgraded = True  # the tickets service is upgraded: the sweeper delivers the claim
+    routing.router.sweep()
+    assert tickets.tickets[ticket["id"]]["assignee_id"] == "ann"
+    assert routing.state(ticket["id"]) == "assigned" and routing.load("ann") == 1
+
+
 def test_a_claim_whose_rules_changes_were_overtaken_is_delivered_as_a_plain_assignment(routing_uow, tickets):
     routing = Routing(routing_uow, tickets)
     routing.router = Router(routing_uow, tickets, RoutingSettings(), wake=lambda trigger: None)
