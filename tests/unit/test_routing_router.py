@@ -887,6 +887,50 @@ def test_a_slot_given_back_while_the_next_round_reads_is_drained_at_once(routing
     assert tickets.tickets[second["id"]]["assignee_id"] == "ann"
 
 
+class _SlowBatches(FakeTickets):
+    """Each assign_tickets call takes 200 ms, as a busy tickets service might; calls are logged."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []  # ("start" | "end", ticket ids)
+
+    def assign_tickets(self, actor, assignments):
+        ids = tuple(item["ticket_id"] for item in assignments)
+        self.batches.append(("start", ids))
+        eventlet.sleep(0.2)
+        answers = super().assign_tickets(actor, assignments)
+        self.batches.append(("end", ids))
+        return answers
+
+
+def test_the_dispatch_round_claims_what_is_queued_while_its_last_delivery_is_under_way(routing_uow):
+    tickets = _SlowBatches()
+    wakes = eventlet.queue.LightQueue()
+
+    def next_wake(timeout):
+        try:
+            return wakes.get(timeout=timeout)
+        except eventlet.queue.Empty:
+            return None
+
+    routing = Routing(routing_uow, tickets)
+    routing.router = Router(routing_uow, tickets, RoutingSettings(), wake=wakes.put)
+    routing.agent("ann", capacity=5)
+    first = tickets.create()
+    routing.pump()  # queued; its wake is for the round below
+    wakes.get_nowait()
+    round_ = eventlet.spawn(routing.router.dispatch, "created", next_wake)
+    eventlet.sleep(0.01)  # the first delivery is under way
+    second = tickets.create()
+    routing.pump()  # queued and woken meanwhile
+    assert round_.wait() == 2
+    assert tickets.batches == [("start", (first["id"],)), ("start", (second["id"],)),
+                               ("end", (first["id"],)), ("end", (second["id"],))], \
+        "the second ticket was claimed and sent without waiting for the first delivery"
+    assert routing.state(first["id"]) == routing.state(second["id"]) == "assigned"
+    assert routing.load("ann") == 2
+
+
 class _UnassignedRightAfter(FakeTickets):
     """A supervisor unassigns the ticket the moment routing's assignment lands, and routing
     mirrors both events before its claim is confirmed."""
