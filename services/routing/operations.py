@@ -91,10 +91,6 @@ def recount_loads(session: Session) -> dict:
         .group_by(RoutedTicket.assignee_id)).all())
 
 
-def agent_loads(session: Session) -> dict:
-    return dict(session.execute(select(Agent.id, Agent.active_load)).all())
-
-
 def agent_load(session: Session, agent_id: str) -> int:
     return session.scalar(select(Agent.active_load).where(Agent.id == agent_id)) or 0
 
