@@ -13,7 +13,7 @@ import eventlet
 import eventlet.patcher
 import eventlet.tpool
 from nameko.extensions import DependencyProvider
-from sqlalchemy import create_engine, event, make_url
+from sqlalchemy import create_engine, event, inspect as sa_inspect, make_url
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -77,6 +77,20 @@ def make_engine(url: str, pool_size: int = 10, manual_checkpoints: bool = False)
         # a half-open server must not hang a green thread forever
         connect_args={"connect_timeout": 5, "options": "-c statement_timeout=15000"},
     )
+
+
+def column_values(obj) -> dict:
+    """{column key: value} of every mapped column of an ORM object built outside the session,
+    for a Core INSERT of it (a statement built once, without the unit of work's flush, which
+    cost more than the rest of a hot write; the object stays outside the session)."""
+    columns = _MAPPED_COLUMNS.get(type(obj))
+    if columns is None:
+        columns = _MAPPED_COLUMNS[type(obj)] = tuple(
+            (attr.columns[0].key, attr.key) for attr in sa_inspect(type(obj)).column_attrs)
+    return {column: getattr(obj, attr) for column, attr in columns}
+
+
+_MAPPED_COLUMNS: dict = {}  # model class -> (column key, attribute name) pairs
 
 
 class WalCheckpointer:

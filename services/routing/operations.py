@@ -17,6 +17,7 @@ from contracts import routing as contract
 from contracts.errors import Conflict, Forbidden, NotFound, PreconditionFailed, ValidationError
 from contracts.events import iso_utc
 from servicekit.actor import Actor  # noqa: F401  (operations.Actor for callers)
+from servicekit.db import column_values
 from servicekit.outbox import add_event
 from services.routing import domain
 from services.routing.models import Agent, Decision, RoutedTicket, Rule, Skill
@@ -539,9 +540,7 @@ def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = 
         group = snapshot.get("group")
         row = RoutedTicket(ticket_id=snapshot["id"], tier=group if group in contract.TIERS else contract.TIERS[0],
                            required_skills=[], state=domain.IDLE, queue_noted=False, assignee_id=None, status=None,
-                           ticket_created_at=_parse_time(snapshot["created_at"]), pending_changes=None,
-                           category=None, organization_id=None, sla_due_at=None, claim_decision_id=None,
-                           claimed_at=None, queued_at=None, queue_trigger=None)
+                           ticket_created_at=_parse_time(snapshot["created_at"]))
         if not defer_insert:
             session.add(row)
     else:
@@ -576,8 +575,6 @@ def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = 
     return row, change
 
 
-# (column key, attribute name) of every mapped column of RoutedTicket
-_ROUTED_COLUMNS = tuple((attr.columns[0].key, attr.key) for attr in sa_inspect(RoutedTicket).column_attrs)
 _INSERT_ROUTED = RoutedTicket.__table__.insert()
 
 
@@ -589,7 +586,7 @@ def insert_routed(session: Session, row: RoutedTicket) -> None:
     """INSERT a row ``apply_snapshot(defer_insert=True)`` built, as it stands now (a Core
     statement built once: most tickets routing hears of are new, and the unit of work's flush of
     one object cost more than the rest of mirroring it). The object stays outside the session."""
-    session.execute(_INSERT_ROUTED, {column: getattr(row, attr) for column, attr in _ROUTED_COLUMNS})
+    session.execute(_INSERT_ROUTED, column_values(row))
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 import uuid
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, inspect as sa_inspect, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session, joinedload
 
+from servicekit.db import column_values
 from services.tickets.models import Comment, Counter, HistoryEntry, IdempotencyKey, Ticket, TicketTag
 
 SORT_COLUMNS = {
@@ -52,8 +53,6 @@ def set_tags(ticket: Ticket, tags: list[str]) -> None:
     ticket.tag_rows = [TicketTag(ticket_id=ticket.id, tag=tag) for tag in tags]
 
 
-# (column key, attribute name) of every mapped column of Ticket
-_TICKET_COLUMNS = tuple((attr.columns[0].key, attr.key) for attr in sa_inspect(Ticket).column_attrs)
 _INSERT_TICKET = Ticket.__table__.insert()
 _INSERT_TAG = TicketTag.__table__.insert()
 
@@ -64,7 +63,7 @@ def insert_new_ticket(session: Session, ticket: Ticket) -> None:
     What ``session.add(ticket); session.flush()`` wrote, without the unit of work: a create
     reads nothing back, and the object (left outside the session) still serves the views.
     """
-    session.execute(_INSERT_TICKET, {column: getattr(ticket, attr) for column, attr in _TICKET_COLUMNS})
+    session.execute(_INSERT_TICKET, column_values(ticket))
     if ticket.tag_rows:
         session.execute(_INSERT_TAG, [{"ticket_id": ticket.id, "tag": row.tag} for row in ticket.tag_rows])
 
