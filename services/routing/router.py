@@ -202,7 +202,6 @@ class _Deliveries:
         """Batches not answered yet (a batch being confirmed no longer counts)."""
         return self._pool.running() - self._answered
 
-
     def wait(self) -> tuple:
         """Once every submitted claim is delivered and confirmed: (delivered, released)."""
         self._pool.waitall()

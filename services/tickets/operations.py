@@ -186,10 +186,10 @@ def update_ticket(session: Session, actor: Actor, ticket_id: str, changes: dict,
     if not changes:
         raise ValidationError("nothing to update", {"_schema": ["send at least one field"]})
     ticket = _readable_ticket(session, actor, ticket_id, for_update=True)
-    if only_if_unassigned:
-        _check_unassigned(ticket, changes.get("assignee_id"))
     # who may ask first (403: no state would allow it), then what the ticket's state allows (409)
     access.ensure_can_edit(actor, set(changes), ticket)
+    if only_if_unassigned:
+        _check_unassigned(ticket, changes.get("assignee_id"))
     if ticket.status == "closed":
         raise Conflict("closed tickets cannot be changed", {"status": ["ticket is closed"]})
     if ticket.status == "solved" and not actor.is_staff:
