@@ -261,10 +261,6 @@ def assign_ticket(session: Session, actor: Actor, ticket_id: str, assignee_id: s
     _check_version(ticket, expected_version)
     if only_if_unassigned:
         _check_unassigned(ticket, assignee_id)
-        if ticket.assignee_id == assignee_id:
-            # already this agent's: a repeated delivery changes nothing, not even a group
-            # someone changed since (an escalation made while the first answer was lost)
-            return ticket_view(ticket)
     if ticket.status == "closed":
         raise Conflict("closed tickets cannot be reassigned", {"status": ["ticket is closed"]})
     # the RPC's group=None means "keep the group" (routing assigns within a tier); PATCH can clear it

@@ -421,14 +421,3 @@ def test_an_assignment_only_if_unassigned_never_takes_a_ticket_from_someone_else
     # without it, as assign_ticket: a reassignment
     answers = service.assign_tickets(AGENT, [{"ticket_id": theirs["id"], "assignee_id": "agent-1"}])
     assert answers[0]["ticket"]["assignee_id"] == "agent-1"
-
-
-def test_a_repeated_assignment_only_if_unassigned_leaves_a_changed_group_alone(service):
-    ticket = service.create_ticket(ALICE, NEW)["ticket"]
-    first = service.assign_tickets(AGENT, [{"ticket_id": ticket["id"], "assignee_id": "agent-1", "group": "L1",
-                                            "only_if_unassigned": True}])[0]["ticket"]
-    escalated = service.assign_ticket(AGENT, ticket["id"], "agent-1", "L2")  # someone moved it meanwhile
-    again = service.assign_tickets(AGENT, [{"ticket_id": ticket["id"], "assignee_id": "agent-1", "group": "L1",
-                                            "only_if_unassigned": True}])[0]["ticket"]
-    assert first["group"] == "L1" and again["group"] == "L2"
-    assert again["version"] == escalated["version"]
