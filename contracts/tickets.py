@@ -112,9 +112,9 @@ class AssignmentRequest(AssignRequest):
     changes = fields.Dict(load_default=None, allow_none=True)
     expected_version = fields.Integer(load_default=None, allow_none=True, strict=True,
                                       validate=validate.Range(min=1))
-    # applied only while the ticket has no assignee (or already this one: nothing changes); a
-    # ticket someone assigned meanwhile is refused with a conflict, so that a late or repeated
-    # delivery never takes it back from the person it went to
+    # applied (as assign_ticket would) only while the ticket has no assignee or already this
+    # one; a ticket someone else took meanwhile is refused with a conflict, so that a late or
+    # repeated delivery never takes it back from the person it went to
     only_if_unassigned = fields.Boolean(load_default=False)
 
 

@@ -562,9 +562,11 @@ def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = 
     row.priority, row.category, row.channel = snapshot["priority"], snapshot.get("category"), snapshot["channel"]
     row.organization_id, row.tags = snapshot.get("organization_id"), list(snapshot.get("tags") or [])
     row.ticket_version, row.updated_at = snapshot["version"], now
-    # a ticket being claimed keeps the claimed agent until the claim is confirmed or released
-    set_assignment(session, row, row.assignee_id if change.state == domain.ASSIGNING else assignee,
-                   snapshot["status"])
+    # a ticket being claimed keeps the claimed agent until the claim is confirmed or released;
+    # not autoflushed by the agents' UPDATE: a new row has no status until this sets it
+    with session.no_autoflush:
+        set_assignment(session, row, row.assignee_id if change.state == domain.ASSIGNING else assignee,
+                       snapshot["status"])
     if change.state in domain.ROUTABLE_STATES and row.state != change.state:
         row.queued_at, row.queue_trigger, row.queue_noted = now, change.trigger, False
     elif change.state not in domain.ROUTABLE_STATES + (domain.ASSIGNING,):

@@ -218,6 +218,20 @@ def test_an_older_snapshot_after_a_newer_one_changes_nothing(service, uow):
         assert (row.ticket_version, row.assignee_id, row.priority, row.state) == (3, "ann", "normal", "assigned")
 
 
+def test_an_assignment_heard_of_before_the_ticket_itself_is_mirrored_with_its_agent(service, uow):
+    # each event type has its own queue: ticket_assigned can be handled before ticket_created
+    service.create_agent(SUPERVISOR, {"id": "ann", "display_name": "Ann"})
+    ticket_id = str(uuid.uuid4())
+    service.on_ticket_assigned(make_envelope("tickets", "ticket_assigned", {"ticket_id": ticket_id}, {
+        "ticket": snapshot(ticket_id, version=2, status="open", assignee_id="ann"), "actor_id": "sup-1",
+        "old_assignee_id": None, "new_assignee_id": "ann", "group": None}))
+    service.on_ticket_created(created_event(ticket_id))  # older: changes nothing
+    with uow.read() as session:
+        row = session.get(RoutedTicket, ticket_id)
+        assert (row.ticket_version, row.assignee_id, row.status, row.state) == (2, "ann", "open", "assigned")
+    assert service.get_agent(SUPERVISOR, "ann")["active_tickets"] == 1
+
+
 @pytest.mark.parametrize("body", [
     {"event_id": "nope"},
     {**created_event("t"), "payload": {"ticket": {"id": "t"}}},
