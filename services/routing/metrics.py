@@ -16,6 +16,10 @@ CLAIM_CONFLICTS = Counter("helpdesk_routing_claim_conflicts_total",
                           "Claims lost to another router (agent filled up or ticket taken meanwhile)")
 RELEASED = Counter("helpdesk_routing_claims_released_total",
                    "Claims the tickets service refused (ticket closed or gone); the slot was freed")
+REFUSED_AS_INVALID = Counter(
+    "helpdesk_routing_deliveries_refused_invalid_total",
+    "Assignments the tickets service refused as invalid (e.g. an older tickets version during an upgrade); "
+    "the claim and its slot are kept and re-sent by the sweeper")
 LOADS_RECONCILED = Counter("helpdesk_routing_loads_reconciled_total",
                            "Agents whose active-ticket counter differed from a recount and was corrected")
 CLAIM_BATCH_SIZE = Histogram("helpdesk_routing_claim_batch_size",

@@ -461,6 +461,7 @@ class Router:
                 # the sweeper, which delivers it once tickets takes the request
                 log.error("the tickets service refused routing's assignment of %s as invalid: %s",
                           claim.ticket_id, answer)
+                metrics.REFUSED_AS_INVALID.inc()
                 answers[i] = None
                 continue
             if isinstance(answer, HelpdeskError):  # closed, gone, someone else's: the slot goes back

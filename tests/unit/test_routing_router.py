@@ -16,7 +16,7 @@ from sqlalchemy import select
 from contracts import routing as contract
 from contracts.errors import Conflict, HelpdeskError, NotFound, PreconditionFailed, ValidationError, error_payload
 from servicekit.tables import OUTBOX
-from services.routing import operations as ops
+from services.routing import metrics, operations as ops
 from services.routing.models import Decision, RoutedTicket, Skill
 from services.routing.router import Router, RoutingSettings
 from services.routing.service import TicketsPort
@@ -998,6 +998,7 @@ class _OlderTickets(FakeTickets):
 
 def test_an_assignment_refused_as_invalid_is_kept_for_the_sweeper_not_released(routing_uow):
     tickets = _OlderTickets()
+    refused_before = metrics.REFUSED_AS_INVALID._value.get()
     settings = RoutingSettings(retry_after_seconds=0)
     routing = Routing(routing_uow, tickets, settings)
     routing.agent("ann")
@@ -1005,6 +1006,7 @@ def test_an_assignment_refused_as_invalid_is_kept_for_the_sweeper_not_released(r
     routing.pump()
     assert tickets.tickets[ticket["id"]]["assignee_id"] is None
     assert routing.state(ticket["id"]) == "assigning" and routing.load("ann") == 1, "claim kept, not parked"
+    assert metrics.REFUSED_AS_INVALID._value.get() > refused_before
     tickets.upgraded = True  # the tickets service is upgraded: the sweeper delivers the claim
     routing.router.sweep()
     assert tickets.tickets[ticket["id"]]["assignee_id"] == "ann"
