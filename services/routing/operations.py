@@ -516,20 +516,19 @@ def snapshot_is_stale(session: Session, snapshot: dict) -> bool:
 
 
 def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = None, flush: bool = True,
-                   resync: bool = False, probably_new: bool = False,
-                   defer_insert: bool = False) -> tuple[RoutedTicket, domain.MirrorChange | None]:
+                   resync: bool = False, created: bool = False) -> tuple[RoutedTicket, domain.MirrorChange | None]:
     """Mirror a ticket snapshot (an event's or an RPC answer's) if it is newer than what we hold.
     ``row``: the ticket's row when the caller already holds it locked; ``flush=False``: the
     caller writes many rows and lets the commit flush them together; ``resync``: apply the
     version the mirror already holds too (its assignee may have been held for a claim);
-    ``probably_new``: the snapshot of a ticket just created, which is looked up with an
-    existence check first (the row is loaded only when there is one); ``defer_insert``: a row
-    for a ticket new to routing is not added to the session, the caller writes it with
-    ``insert_routed`` once it is done changing it (one INSERT, without the unit of work).
+    ``created``: a ticket_created's snapshot, nearly always new to routing: looked up with an
+    existence check first (the row is loaded only when there is one), and a new row is not
+    added to the session: the caller writes it with ``insert_routed`` once it is done changing
+    it (one INSERT, without the unit of work).
 
     Returns the row and what the change means for routing (None: stale or duplicate snapshot).
     """
-    if row is None and not (probably_new and not is_mirrored(session, snapshot["id"])):
+    if row is None and not (created and not is_mirrored(session, snapshot["id"])):
         row = get_routed(session, snapshot["id"], for_update=True)
     now = now_utc()
     if row is not None and (snapshot["version"] < row.ticket_version
@@ -541,7 +540,7 @@ def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = 
         row = RoutedTicket(ticket_id=snapshot["id"], tier=group if group in contract.TIERS else contract.TIERS[0],
                            required_skills=[], state=domain.IDLE, queue_noted=False, assignee_id=None, status=None,
                            ticket_created_at=_parse_time(snapshot["created_at"]))
-        if not defer_insert:
+        if not created:
             session.add(row)
     else:
         before_status, before_assignee, prev_state = row.status, row.assignee_id, row.state
@@ -585,7 +584,7 @@ def is_unsaved(row: RoutedTicket) -> bool:
 
 
 def insert_routed(session: Session, row: RoutedTicket) -> None:
-    """INSERT a row ``apply_snapshot(defer_insert=True)`` built, as it stands now (a Core
+    """INSERT a row ``apply_snapshot(created=True)`` built, as it stands now (a Core
     statement built once: most tickets routing hears of are new, and the unit of work's flush of
     one object cost more than the rest of mirroring it). The object stays outside the session."""
     session.execute(_INSERT_ROUTED, column_values(row))

@@ -216,8 +216,7 @@ class RoutingService(ServiceProbes):
 
     def _mirror(self, session, envelope, created: bool = False):
         # not flushed here: the rules change a new row before it is written (one INSERT)
-        row, change = ops.apply_snapshot(session, envelope["payload"]["ticket"], flush=False, probably_new=created,
-                                         defer_insert=created)
+        row, change = ops.apply_snapshot(session, envelope["payload"]["ticket"], flush=False, created=created)
         after = AfterCommit(self.router.follow_up, row.ticket_id, change)
         if change is not None and change.state == domain.TRIAGE:
             triaged = self.router.triage_in(session, row)
