@@ -14,7 +14,7 @@ from servicekit.db import Database
 from servicekit.events import handles_event_once
 from servicekit.metrics import EntrypointMetrics
 from servicekit.probes import ServiceProbes
-from services.tickets import operations, schemas
+from services.tickets import operations, schemas, store
 
 _create_schema = schemas.CreateTicketSchema()
 _update_schema = schemas.UpdateTicketSchema()
@@ -30,6 +30,34 @@ def _check_idempotency_key(key) -> None:
     if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200):
         raise ValidationError("idempotency_key must be 1-200 characters",
                               {"idempotency_key": ["1-200 characters"]})
+
+
+class _BatchAborted(Exception):
+    """An assignment of a batch failed otherwise than by a refusal: the batch's transaction
+    must not commit (``__cause__``: the failure)."""
+
+
+def _abort_batch(exc: Exception):
+    raise _BatchAborted() from exc
+
+
+def _unavailable(exc: Exception) -> dict:
+    return {"error": {"code": UNAVAILABLE, "detail": "not applied; try again later", "errors": {}}}
+
+
+def _answer(apply, *args, unexpected=_unavailable, **kwargs) -> dict:
+    """One assignment's answer: ``{"ticket": view}``, or its refusal as ``{"error": ...}``.
+    Refusals (typed errors) are raised before the assignment writes anything. Any other failure
+    goes to ``unexpected``; by default that assignment's own transaction rolled back and the
+    others still get their answer."""
+    item = args[-1]
+    try:
+        return {"ticket": apply(*args, **kwargs)}
+    except HelpdeskError as exc:
+        return {"error": error_payload(exc)}
+    except Exception as exc:
+        log.warning("assignment of %s failed: %r", item["ticket_id"], exc)
+        return unexpected(exc)
 
 
 class TicketsService(ServiceProbes):
@@ -76,26 +104,35 @@ class TicketsService(ServiceProbes):
     @rpc
     def assign_tickets(self, actor, assignments):
         """Many assignments in one call (routing delivers its batches so: one message and one
-        worker instead of one per ticket). Each is applied in its own transaction, exactly as
-        ``assign_ticket`` or, when it carries other ``changes``, ``update_ticket`` would apply it;
-        the answer lists, in order, ``{"ticket": view}`` or ``{"error": {code, detail, errors}}``."""
+        worker instead of one per ticket). Each is applied exactly as ``assign_ticket`` or, when
+        it carries other ``changes``, ``update_ticket`` would apply it; the answer lists, in
+        order, ``{"ticket": view}`` or ``{"error": {code, detail, errors}}``.
+
+        All of them in one transaction, the tickets locked up front: a commit and two SELECTs
+        per assignment were most of the work. A refused assignment (its typed error) has
+        written nothing when it is refused, so the others still commit. Any other failure
+        rolls the whole batch back, and it is applied again one assignment per transaction,
+        each then with its own answer."""
         actor = _actor(actor)
         if not isinstance(assignments, list) or not 1 <= len(assignments) <= contract.MAX_ASSIGNMENTS_PER_CALL:
             raise ValidationError(f"assignments must be a list of 1-{contract.MAX_ASSIGNMENTS_PER_CALL}",
                                   {"assignments": [f"1-{contract.MAX_ASSIGNMENTS_PER_CALL} items"]})
-        answers = []
-        for item in _load(_assignments_schema, assignments):
-            try:
-                answers.append({"ticket": self._assign_one(actor, item)})
-            except HelpdeskError as exc:
-                answers.append({"error": error_payload(exc)})
-            except Exception as exc:  # its transaction rolled back; the others still get their answer
-                log.warning("assignment of %s failed: %r", item["ticket_id"], exc)
-                answers.append({"error": {"code": UNAVAILABLE, "detail": "not applied; try again later",
-                                          "errors": {}}})
-        return answers
+        items = _load(_assignments_schema, assignments)
+        try:
+            with self.db.transaction() as session:
+                store.lock_tickets(session, [item["ticket_id"] for item in items])
+                return [_answer(self._assign_one, session, actor, item, unexpected=_abort_batch) for item in items]
+        except Exception as exc:  # nothing of the batch committed (the commit itself may have failed)
+            log.warning("a batch of %d assignments failed (%r); applying them one at a time", len(items),
+                        exc.__cause__ if isinstance(exc, _BatchAborted) else exc)
+        return [_answer(self._assign_one_alone, actor, item) for item in items]
 
-    def _assign_one(self, actor, item):
+    def _assign_one_alone(self, actor, item):
+        with self.db.transaction() as session:
+            return self._assign_one(session, actor, item)
+
+    @staticmethod
+    def _assign_one(session, actor, item):
         if item["changes"] and {"assignee_id", "group", "status"} & set(item["changes"]):
             raise ValidationError("changes carry other fields than the assignment's own",
                                   {"changes": ["no assignee_id, group or status: the assignment sets those"]})
@@ -104,12 +141,10 @@ class TicketsService(ServiceProbes):
             if item["group"] is not None:  # as in assign_ticket, no group keeps the ticket's group
                 fields["group"] = item["group"]
             changes = _load(_update_schema, fields)
-            with self.db.transaction() as session:
-                return operations.update_ticket(session, actor, item["ticket_id"], changes, item["expected_version"],
-                                                only_if_unassigned=item["only_if_unassigned"])
-        with self.db.transaction() as session:
-            return operations.assign_ticket(session, actor, item["ticket_id"], item["assignee_id"], item["group"],
-                                            item["expected_version"], only_if_unassigned=item["only_if_unassigned"])
+            return operations.update_ticket(session, actor, item["ticket_id"], changes, item["expected_version"],
+                                            only_if_unassigned=item["only_if_unassigned"])
+        return operations.assign_ticket(session, actor, item["ticket_id"], item["assignee_id"], item["group"],
+                                        item["expected_version"], only_if_unassigned=item["only_if_unassigned"])
 
     @rpc
     def unassign_ticket(self, actor, ticket_id, expected_version=None):

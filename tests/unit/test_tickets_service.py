@@ -392,6 +392,67 @@ def test_assign_tickets_answers_an_unexpected_failure_for_that_assignment_only(s
     assert service.get_ticket(AGENT, third["id"])["assignee_id"] == "agent-1"
 
 
+def events_of(uow, ticket_id) -> list:
+    with uow.read() as session:
+        return [row.event_type for row in session.execute(select(OUTBOX).order_by(OUTBOX.c.id))
+                if row.envelope["subject_ids"]["ticket_id"] == ticket_id]
+
+
+def test_a_refused_assignment_in_a_batch_writes_nothing_and_the_others_commit(service, uow):
+    first, second = (service.create_ticket(ALICE, NEW)["ticket"] for _ in range(2))
+    service.update_ticket(AGENT, second["id"], {"subject": "edited meanwhile"})
+    answers = service.assign_tickets(AGENT, [
+        {"ticket_id": first["id"], "assignee_id": "agent-1"},
+        {"ticket_id": second["id"], "assignee_id": "agent-1", "expected_version": 1},  # refused
+        {"ticket_id": first["id"], "assignee_id": "agent-1"},  # the same again: changes nothing
+    ])
+    assert [sorted(a) for a in answers] == [["ticket"], ["error"], ["ticket"]]
+    assert answers[2]["ticket"] == answers[0]["ticket"] and answers[0]["ticket"]["version"] == 2
+    assert events_of(uow, first["id"]) == ["ticket_created", "ticket_assigned", "ticket_status_changed"]
+    assert events_of(uow, second["id"]) == ["ticket_created", "ticket_updated"]
+    assert [e["action"] for e in service.get_history(AGENT, second["id"])["items"]] == ["created", "updated"]
+
+
+def test_a_batch_that_fails_midway_is_rolled_back_and_applied_once_one_at_a_time(service, uow, monkeypatch):
+    tickets = [service.create_ticket(ALICE, NEW)["ticket"] for _ in range(3)]
+    real, calls = operations.assign_ticket, []
+
+    def assign_ticket(session, actor, ticket_id, *args, **kwargs):
+        calls.append(ticket_id)
+        answer = real(session, actor, ticket_id, *args, **kwargs)
+        if len(calls) == 2:  # the second assignment of the batch, after it wrote
+            raise RuntimeError("disk I/O error")
+        return answer
+
+    monkeypatch.setattr(operations, "assign_ticket", assign_ticket)
+    answers = service.assign_tickets(AGENT, [{"ticket_id": t["id"], "assignee_id": "agent-1"} for t in tickets])
+    assert calls == [tickets[0]["id"], tickets[1]["id"]] + [t["id"] for t in tickets]
+    assert [a["ticket"]["version"] for a in answers] == [2, 2, 2]  # one version step each, not two
+    for t in tickets:
+        assert events_of(uow, t["id"]) == ["ticket_created", "ticket_assigned", "ticket_status_changed"]
+        assert [e["action"] for e in service.get_history(AGENT, t["id"])["items"]] == ["created", "assigned"]
+
+
+def test_a_batch_reads_its_tickets_with_two_selects_not_two_per_assignment(service, uow):
+    from sqlalchemy import event
+
+    tickets = [service.create_ticket(ALICE, NEW | {"tags": ["vpn"]})["ticket"] for _ in range(5)]
+    selects = []
+
+    def before(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    engine = uow._session_factory.kw["bind"]
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        answers = service.assign_tickets(AGENT, [{"ticket_id": t["id"], "assignee_id": "agent-1"} for t in tickets])
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+    assert [a["ticket"]["tags"] for a in answers] == [["vpn"]] * 5
+    assert len(selects) == 2, selects  # the tickets, locked, and their tags
+
+
 def test_assign_tickets_refuses_changes_that_are_the_assignments_own_fields(service, ticket):
     for changes in ({"assignee_id": "someone-else"}, {"group": "L3"}, {"status": "solved"}):
         answers = service.assign_tickets(AGENT, [{"ticket_id": ticket["id"], "assignee_id": "agent-1",
