@@ -11,6 +11,11 @@
 * after the last attempt, parks the message in a durable dead-letter queue
   ``dlq.<queue>`` (with the error in its headers) and only then acks it. nameko's default
   would ack and drop it.
+
+``@handles_events_in_batches(source, event_type)`` on a method ``(self, session, envelopes)``
+does the same for a busy event type, a batch at a time: one worker per replica takes every
+message that arrived meanwhile and handles them in one transaction (a batch that fails is
+handled again one event per transaction, each event then retried or parked on its own).
 """
 import functools
 import logging
@@ -20,8 +25,10 @@ from kombu import Exchange, Queue
 from marshmallow import ValidationError as SchemaError
 from nameko.amqp.publish import Publisher
 from nameko.constants import PERSISTENT
+from nameko.containers import ContainerBeingKilled
 from nameko.events import EventHandler
 from nameko.messaging import QueueConsumer
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 import eventlet
 
@@ -49,6 +56,12 @@ def dead_letter_queue(queue_name: str) -> Queue:
 class DeadLetteringQueueConsumer(QueueConsumer):
     """nameko's consumer acks and drops a body it cannot decode (kombu's default); ours hands it
     to the handler that owns the queue, to be parked in its dead-letter queue."""
+
+    @property
+    def prefetch_count(self):
+        # nameko's is max_workers; a batching handler can take only as many messages at once as
+        # the broker lets its consumer hold (one qos for the channel: every consumer gets it)
+        return max([self.container.max_workers] + [getattr(p, "max_batch", 0) for p in self._providers])
 
     def on_decode_error(self, message, exc):
         tag = message.delivery_info.get("consumer_tag")
@@ -165,6 +178,58 @@ class ReliableEventHandler(EventHandler):
         self.queue_consumer.ack_message(message)
 
 
+class BatchingEventHandler(ReliableEventHandler):
+    """Runs its service method with a list of message bodies: the messages that arrived while
+    the previous batch ran, up to ``max_batch``; one batch at a time per replica. The method
+    answers, per body, None (handled: acked) or the exception it failed with (retried with
+    back-off, then parked, each message on its own as ReliableEventHandler does)."""
+
+    def __init__(self, *args, max_batch: int = 50, **kwargs):
+        self.max_batch = max_batch
+        super().__init__(*args, **kwargs)
+
+    def setup(self):
+        super().setup()
+        self._waiting = []  # (body, message) not in a batch yet
+        self._batch_running = False
+
+    def handle_message(self, body, message):
+        if self.stale_without_worker is not None and _known_stale(self.stale_without_worker, body):
+            super().handle_message(body, message)  # acked there, without a worker
+            return
+        self._waiting.append((body, message))
+        self._next_batch()
+
+    def _next_batch(self):
+        if self._batch_running or not self._waiting:
+            return
+        batch, self._waiting = self._waiting[:self.max_batch], self._waiting[self.max_batch:]
+        self._batch_running = True
+        try:
+            self.container.spawn_worker(self, ([body for body, _ in batch],), {},
+                                        context_data=self.unpack_message_headers(batch[0][1]),
+                                        handle_result=functools.partial(self._batch_done, batch))
+        except ContainerBeingKilled:
+            self._batch_running = False
+            for _, message in batch:
+                self.queue_consumer.requeue_message(message)
+
+    def _batch_done(self, batch, worker_ctx, result=None, exc_info=None):
+        try:
+            if exc_info is not None or not isinstance(result, list) or len(result) != len(batch):
+                outcomes = [exc_info[1] if exc_info else RuntimeError(f"batch handler answered {result!r}")] * len(batch)
+            else:
+                outcomes = result
+            for (_, message), outcome in zip(batch, outcomes):
+                failure = None if outcome is None else (type(outcome), outcome, outcome.__traceback__)
+                super().handle_result(message, worker_ctx, None, failure)
+        finally:
+            self._batch_running = False
+            if self._waiting:  # not from this worker: it still holds its slot in the pool
+                self.container.spawn_managed_thread(self._next_batch, identifier=f"{self.method_name}.next_batch")
+        return result, exc_info
+
+
 class AfterCommit:
     """Returned by a handler: work to run once the handler's transaction has committed (calls
     to other services that must see the change). The event already counts as handled then: a
@@ -207,19 +272,8 @@ def handles_event_once(source_service: str, event_type: str, payload_schema=None
             if already_applied is not None and _already_applied(already_applied, self, db_attr, body):
                 metrics.EVENTS_SUPERSEDED.labels(self.name, handler_name).inc()
                 return None
-            try:
-                envelope = _envelope_schema.load(body)
-                if payload_loader is not None:
-                    envelope["payload"] = payload_loader.load(envelope["payload"])
-            except (SchemaError, TypeError) as exc:
-                raise UnprocessableEvent(f"malformed event: {exc}") from exc
-            event_id = str(envelope["event_id"])
-            with getattr(self, db_attr).transaction() as session:
-                if not _claim(session, handler_name, event_id):
-                    metrics.EVENTS_DUPLICATE.labels(self.name, handler_name).inc()
-                    log.info("event %s already handled by %s; skipped", event_id, handler_name)
-                    return None
-                result = method(self, session, envelope)
+            envelope = _load_event(body, payload_loader)
+            result = _handle_alone(self, db_attr, handler_name, method, envelope)
             if isinstance(result, AfterCommit):
                 result.run()
             return None
@@ -229,11 +283,141 @@ def handles_event_once(source_service: str, event_type: str, payload_schema=None
     return decorator
 
 
+def handles_events_in_batches(source_service: str, event_type: str, payload_schema=None, db_attr: str = "db",
+                              known_stale=None, already_applied=None, max_batch: int = 50):
+    """As ``handles_event_once``, for a method ``(self, session, envelopes)`` that applies a list
+    of events in the caller's transaction (in the order given; duplicates already left out) and
+    may return AfterCommit work, or a list of it. The events that arrive together are handled
+    in one transaction, with one worker; if that fails, each is handled again in a transaction
+    of its own (the method then gets a list of one), so one bad event costs the others nothing
+    but a second try.
+
+    ``already_applied(self, session, bodies) -> [bool]``: the read-only check of
+    ``handles_event_once`` for a whole batch (one read for all); the events it answers True for
+    are acked without validation or a mark. An exception counts as False for every body."""
+
+    def decorator(method):
+        handler_name = method.__name__
+        payload_loader = payload_schema() if isinstance(payload_schema, type) else payload_schema
+
+        @functools.wraps(method)
+        def wrapper(self, bodies):
+            outcomes, loaded = [None] * len(bodies), []
+            applied = _already_applied_batch(already_applied, self, db_attr, bodies)
+            for index, body in enumerate(bodies):
+                if applied[index]:
+                    metrics.EVENTS_SUPERSEDED.labels(self.name, handler_name).inc()
+                    continue
+                try:
+                    loaded.append((index, _load_event(body, payload_loader)))
+                except UnprocessableEvent as exc:
+                    outcomes[index] = exc
+            if not loaded:
+                return outcomes
+            after = []
+            try:
+                if len(loaded) == 1:  # alone already: a failure is that event's own
+                    raise _Alone()
+                after.append(_handle_together(self, db_attr, handler_name, method, [e for _, e in loaded]))
+            except Exception as exc:
+                if not isinstance(exc, _Alone):
+                    log.warning("a batch of %d events for %s failed (%r); handling them one at a time",
+                                len(loaded), handler_name, exc)
+                for index, envelope in loaded:
+                    try:
+                        after.append(_handle_alone(self, db_attr, handler_name, method, [envelope]))
+                    except Exception as exc:  # retried on its own, then parked
+                        outcomes[index] = exc
+            for work in _after_commit_work(after):
+                try:
+                    work.run()
+                except Exception:  # the events are handled; the service has its own way to finish
+                    log.exception("work after %s's commit failed", handler_name)
+            return outcomes
+
+        return BatchingEventHandler.decorator(source_service, event_type, stale_without_worker=known_stale,
+                                              max_batch=max_batch)(wrapper)
+
+    return decorator
+
+
+class _Alone(Exception):
+    """A batch of one: handled as a single event straight away."""
+
+
+def _after_commit_work(results) -> list:
+    work = []
+    for result in results:
+        if isinstance(result, AfterCommit):
+            work.append(result)
+        elif isinstance(result, list):
+            work.extend(item for item in result if isinstance(item, AfterCommit))
+    return work
+
+
+def _load_event(body, payload_loader) -> dict:
+    try:
+        envelope = _envelope_schema.load(body)
+        if payload_loader is not None:
+            envelope["payload"] = payload_loader.load(envelope["payload"])
+    except (SchemaError, TypeError) as exc:
+        raise UnprocessableEvent(f"malformed event: {exc}") from exc
+    return envelope
+
+
+def _handle_alone(service, db_attr: str, handler_name: str, method, event):
+    """One event (``event``: an envelope, or a list of one for a batch method) in its own
+    transaction, with its handled mark; None if it was handled before."""
+    envelope = event[0] if isinstance(event, list) else event
+    event_id = str(envelope["event_id"])
+    with getattr(service, db_attr).transaction() as session:
+        if not _claim(session, handler_name, event_id):
+            metrics.EVENTS_DUPLICATE.labels(service.name, handler_name).inc()
+            log.info("event %s already handled by %s; skipped", event_id, handler_name)
+            return None
+        return method(service, session, event)
+
+
+def _handle_together(service, db_attr: str, handler_name: str, method, envelopes: list):
+    """Many events in one transaction: the ones handled before (and repeats within the batch)
+    are left out, the others marked handled with one INSERT and given to the method together.
+    A mark a concurrent replica wrote meanwhile fails the INSERT (and the batch)."""
+    ids = [str(envelope["event_id"]) for envelope in envelopes]
+    with getattr(service, db_attr).transaction() as session:
+        seen = set(session.execute(select(HANDLED_EVENTS.c.event_id).where(
+            HANDLED_EVENTS.c.handler == handler_name, HANDLED_EVENTS.c.event_id.in_(ids))).scalars())
+        fresh = []
+        for event_id, envelope in zip(ids, envelopes):
+            if event_id in seen:
+                metrics.EVENTS_DUPLICATE.labels(service.name, handler_name).inc()
+                log.info("event %s already handled by %s; skipped", event_id, handler_name)
+                continue
+            seen.add(event_id)
+            fresh.append(envelope)
+        if not fresh:
+            return None
+        handled_at = datetime.now(timezone.utc)
+        session.execute(_MARK_HANDLED, [{"handler": handler_name, "event_id": str(envelope["event_id"]),
+                                         "handled_at": handled_at} for envelope in fresh])
+        return method(service, session, fresh)
+
+
 def _known_stale(check, body) -> bool:
     try:
         return bool(check(body))
     except Exception:  # a body the check cannot read: a worker and the full validation decide
         return False
+
+
+def _already_applied_batch(check, service, db_attr: str, bodies: list) -> list:
+    if check is None:
+        return [False] * len(bodies)
+    try:
+        with getattr(service, db_attr).read() as session:
+            answers = [bool(answer) for answer in check(service, session, bodies)]
+    except Exception:  # bodies the check cannot read: the full validation decides
+        return [False] * len(bodies)
+    return answers if len(answers) == len(bodies) else [False] * len(bodies)
 
 
 def _already_applied(check, service, db_attr: str, body) -> bool:

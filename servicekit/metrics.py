@@ -23,8 +23,10 @@ RPC_DURATION = Histogram("helpdesk_rpc_duration_seconds", "RPC handling time",
                          ["service", "method"], buckets=LATENCY_BUCKETS)
 EVENT_REQUESTS = Counter("helpdesk_event_requests_total", "Event deliveries handled",
                          ["service", "method", "outcome"])
-EVENT_DURATION = Histogram("helpdesk_event_duration_seconds", "Event handling time",
+EVENT_DURATION = Histogram("helpdesk_event_duration_seconds", "Event handling time (a batching handler's: per batch)",
                            ["service", "method"], buckets=LATENCY_BUCKETS)
+EVENT_BATCH_SIZE = Histogram("helpdesk_event_batch_size", "Events handled together by a batching event handler",
+                             ["service", "method"], buckets=(1, 2, 5, 10, 20, 50, 100))
 HTTP_REQUESTS = Counter("helpdesk_http_requests_total", "HTTP requests served",
                         ["service", "route", "verb", "status_class"])
 HTTP_DURATION = Histogram("helpdesk_http_duration_seconds", "HTTP request time",
@@ -82,6 +84,15 @@ class EntrypointMetrics(DependencyProvider):
         if isinstance(entrypoint, Rpc):
             RPC_REQUESTS.labels(self.service, name, outcome_of(exc_info)).inc()
             RPC_DURATION.labels(self.service, name).observe(elapsed)
+        elif isinstance(entrypoint, EventHandler) and getattr(entrypoint, "max_batch", None) and exc_info is None \
+                and isinstance(result, list):
+            # a batch (servicekit.events.BatchingEventHandler): each event with its own outcome,
+            # the batch's time once, and its size
+            for failure in result:
+                EVENT_REQUESTS.labels(self.service, name, outcome_of(
+                    None if failure is None else (type(failure), failure, None))).inc()
+            EVENT_DURATION.labels(self.service, name).observe(elapsed)
+            EVENT_BATCH_SIZE.labels(self.service, name).observe(len(result))
         elif isinstance(entrypoint, EventHandler):
             EVENT_REQUESTS.labels(self.service, name, outcome_of(exc_info)).inc()
             EVENT_DURATION.labels(self.service, name).observe(elapsed)
