@@ -506,13 +506,19 @@ def snapshot_known_stale(snapshot: dict) -> bool:
     return snapshot["version"] <= _COMMITTED_VERSIONS.get(snapshot["id"], -1)
 
 
-def snapshot_is_stale(session: Session, snapshot: dict) -> bool:
-    """True when routing already mirrors this version of the ticket or a newer one (such an
-    event is acked without a write transaction; usually without a read, either)."""
-    if snapshot_known_stale(snapshot):
-        return True
-    held = session.scalar(select(RoutedTicket.ticket_version).where(RoutedTicket.ticket_id == snapshot["id"]))
-    return held is not None and snapshot["version"] <= held
+def mirrored_versions(session: Session, ticket_ids) -> dict:
+    """ticket id -> the version routing mirrors of it (for the ids it mirrors at all): with it,
+    the events echoing routing's own assignments are acked without a write transaction. Each
+    id counts as the version this process saw committed if that is newer (no read for those
+    that are all known)."""
+    versions = {ticket_id: _COMMITTED_VERSIONS[ticket_id] for ticket_id in ticket_ids
+                if ticket_id in _COMMITTED_VERSIONS}
+    unknown = [ticket_id for ticket_id in ticket_ids if ticket_id not in versions]
+    if unknown:
+        for ticket_id, version in session.execute(
+                select(RoutedTicket.ticket_id, RoutedTicket.ticket_version).where(RoutedTicket.ticket_id.in_(unknown))):
+            versions[ticket_id] = version
+    return versions
 
 
 def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = None, flush: bool = True,

@@ -191,11 +191,21 @@ def test_setting_the_same_presence_twice_announces_it_once(service, uow):
 
 # --- events --------------------------------------------------------------------------------------
 
+def handle(handler, *bodies):
+    """The ticket events are handled in batches: the method takes a list of bodies and answers,
+    per body, None or the exception it failed with."""
+    outcomes = handler(list(bodies))
+    assert len(outcomes) == len(bodies)
+    for outcome in outcomes:
+        if outcome is not None:
+            raise outcome
+
+
 def test_a_redelivered_ticket_created_event_has_one_effect(service, uow, tickets):
     ticket_id = str(uuid.uuid4())
     event = created_event(ticket_id)
-    service.on_ticket_created(event)
-    service.on_ticket_created(event)
+    handle(service.on_ticket_created, event)
+    handle(service.on_ticket_created, event)
     assert count(uow, RoutedTicket) == 1
     queued = [d for d in _decisions(uow, ticket_id) if d.outcome == "queued"]
     assert len(queued) == 1  # nobody online: noted once
@@ -204,15 +214,15 @@ def test_a_redelivered_ticket_created_event_has_one_effect(service, uow, tickets
 def test_an_older_snapshot_after_a_newer_one_changes_nothing(service, uow):
     service.create_agent(SUPERVISOR, {"id": "ann", "display_name": "Ann"})
     ticket_id = str(uuid.uuid4())
-    service.on_ticket_created(created_event(ticket_id))
+    handle(service.on_ticket_created, created_event(ticket_id))
     assigned = make_envelope("tickets", "ticket_assigned", {"ticket_id": ticket_id}, {
         "ticket": snapshot(ticket_id, version=3, status="open", assignee_id="ann"), "actor_id": "sup-1",
         "old_assignee_id": None, "new_assignee_id": "ann", "group": None})
-    service.on_ticket_assigned(assigned)
+    handle(service.on_ticket_assigned, assigned)
     stale = make_envelope("tickets", "ticket_updated", {"ticket_id": ticket_id}, {
         "ticket": snapshot(ticket_id, version=2, priority="high"), "actor_id": "sup-1",
         "changes": {"priority": ["normal", "high"]}})
-    service.on_ticket_updated(stale)
+    handle(service.on_ticket_updated, stale)
     with uow.read() as session:
         row = session.get(RoutedTicket, ticket_id)
         assert (row.ticket_version, row.assignee_id, row.priority, row.state) == (3, "ann", "normal", "assigned")
@@ -222,10 +232,10 @@ def test_an_assignment_heard_of_before_the_ticket_itself_is_mirrored_with_its_ag
     # each event type has its own queue: ticket_assigned can be handled before ticket_created
     service.create_agent(SUPERVISOR, {"id": "ann", "display_name": "Ann"})
     ticket_id = str(uuid.uuid4())
-    service.on_ticket_assigned(make_envelope("tickets", "ticket_assigned", {"ticket_id": ticket_id}, {
+    handle(service.on_ticket_assigned, make_envelope("tickets", "ticket_assigned", {"ticket_id": ticket_id}, {
         "ticket": snapshot(ticket_id, version=2, status="open", assignee_id="ann"), "actor_id": "sup-1",
         "old_assignee_id": None, "new_assignee_id": "ann", "group": None}))
-    service.on_ticket_created(created_event(ticket_id))  # older: changes nothing
+    handle(service.on_ticket_created, created_event(ticket_id))  # older: changes nothing
     with uow.read() as session:
         row = session.get(RoutedTicket, ticket_id)
         assert (row.ticket_version, row.assignee_id, row.status, row.state) == (2, "ann", "open", "assigned")
@@ -239,12 +249,12 @@ def test_an_assignment_heard_of_before_the_ticket_itself_is_mirrored_with_its_ag
 ])
 def test_a_malformed_event_is_unprocessable(service, body):
     with pytest.raises(UnprocessableEvent):
-        service.on_ticket_created(body)
+        handle(service.on_ticket_created, body)
 
 
 def test_an_sla_breach_escalates_one_tier_and_notes_why(service, uow, tickets):
     ticket_id = str(uuid.uuid4())
-    service.on_ticket_created(created_event(ticket_id))
+    handle(service.on_ticket_created, created_event(ticket_id))
     breach = make_envelope("sla", "sla_breached", {"ticket_id": ticket_id},
                            {"ticket_id": ticket_id, "target": "first_response", "policy_id": "p-1"})
     service.on_sla_breached(breach)
@@ -266,24 +276,24 @@ def test_a_superseded_ticket_event_is_acked_without_a_write(service, uow):
     from servicekit.tables import HANDLED_EVENTS
 
     ticket_id = str(uuid.uuid4())
-    service.on_ticket_created(created_event(ticket_id, version=2))
+    handle(service.on_ticket_created, created_event(ticket_id, version=2))
     marks = count(uow, HANDLED_EVENTS)
     older = make_envelope("tickets", "ticket_updated", {"ticket_id": ticket_id}, {
         "ticket": snapshot(ticket_id, version=1, priority="high"), "actor_id": "sup-1",
         "changes": {"priority": ["normal", "high"]}})
-    service.on_ticket_updated(older)
+    handle(service.on_ticket_updated, older)
     assert count(uow, HANDLED_EVENTS) == marks  # no transaction, no mark
     with uow.read() as session:
         assert session.get(RoutedTicket, ticket_id).priority == "normal"
     # a body the check cannot read still meets the full validation
     broken = {**older, "payload": {"ticket": {"id": ticket_id, "version": "1"}}}
     with pytest.raises(UnprocessableEvent):
-        service.on_ticket_updated(broken)
+        handle(service.on_ticket_updated, broken)
 
 
 def test_sla_due_times_order_the_queue_from_the_earliest_target(service, uow):
     ticket_id = str(uuid.uuid4())
-    service.on_ticket_created(created_event(ticket_id))
+    handle(service.on_ticket_created, created_event(ticket_id))
     due = make_envelope("sla", "ticket_sla_updated", {"ticket_id": ticket_id}, {
         "ticket_id": ticket_id, "first_response_due_at": "2026-11-26T10:00:00Z",
         "resolution_due_at": "2026-11-26T08:30:00+00:00"})
