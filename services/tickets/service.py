@@ -101,7 +101,9 @@ class TicketsService(ServiceProbes):
             return operations.assign_ticket(session, actor, ticket_id, data["assignee_id"], data["group"],
                                             _version(expected_version))
 
-    @rpc
+    # before the calls queued ahead of it (ticket creates, mostly): it is on the path from a new
+    # ticket to its agent, and it is short (servicekit.entrypoints.PriorityLane)
+    @rpc(priority=True)
     def assign_tickets(self, actor, assignments):
         """Many assignments in one call (routing delivers its batches so: one message and one
         worker instead of one per ticket). Each is applied exactly as ``assign_ticket`` or, when
