@@ -146,11 +146,14 @@ class _Deliveries:
     def submit(self, claims) -> None:
         claims = list(claims)
         for first in range(0, len(claims), CLAIM_BATCH):  # the sweeper's re-drives can be many
-            self._pool.spawn_n(self._deliver, claims[first:first + CLAIM_BATCH])
+            batch = claims[first:first + CLAIM_BATCH]
+            # sent now, answered in the delivery's own thread: that thread starts only once the
+            # round yields, which under load is tens of milliseconds later
+            self._pool.spawn_n(self._deliver, batch, self._router._send_assignments(batch, with_changes=True))
 
-    def _deliver(self, claims: list) -> None:
+    def _deliver(self, claims: list, sent) -> None:
         try:
-            answers = self._router._deliver_batch(claims)
+            answers = self._router._deliver_batch(claims, sent)
         except Exception as exc:  # e.g. a release's transaction failed: the sweeper re-drives them
             log.warning("delivery of %d claims failed: %r", len(claims), exc)
             return
@@ -440,12 +443,12 @@ class Router:
         deliveries.submit(claims)
         return deliveries.wait()
 
-    def _deliver_batch(self, claims: list) -> list:
+    def _deliver_batch(self, claims: list, sent=None) -> list:
         """Tell the tickets service about these claims in one call. Per claim, in order: the
         tickets service's view after the assignment; _RELEASED when it refused (the slot went
         back); None when it did not answer (the sweeper re-drives the claim: an assignment is
         idempotent, and the rules' changes go compare-and-set, so a repeat undoes nothing)."""
-        answers = self._assign(claims, with_changes=True)
+        answers = self._assign(claims, with_changes=True, sent=sent)
         # the rules' changes refused (the ticket changed since they ran): the assignment alone
         alone = [i for i, (claim, answer) in enumerate(zip(claims, answers))
                  if claim.changes and isinstance(answer, HelpdeskError)]
@@ -474,10 +477,10 @@ class Router:
                 answers[i] = _RELEASED
         return answers
 
-    def _assign(self, claims: list, with_changes: bool) -> list:
-        """One ``assign_tickets`` call: per claim its view, its typed error, or None (no answer)."""
-        if not claims:
-            return []
+    def _send_assignments(self, claims: list, with_changes: bool):
+        """Start one ``assign_tickets`` call for these claims; returns ``answer()``, which waits
+        for its result (raising what the call raised). A tickets port without
+        ``send_assign_tickets`` is called only when the answer is asked for."""
         assignments = []
         for claim in claims:
             # only while nobody else has the ticket: a person's assignment made while the claim
@@ -489,8 +492,26 @@ class Router:
             if with_changes and changes:
                 assignment.update(changes=changes, expected_version=claim.changes["if_version"])
             assignments.append(assignment)
+        send = getattr(self.tickets, "send_assign_tickets", None)
+        if send is None:
+            return lambda: self.tickets.assign_tickets(ops.SYSTEM_ACTOR, assignments)
         try:
-            results = self.tickets.assign_tickets(ops.SYSTEM_ACTOR, assignments)
+            return send(ops.SYSTEM_ACTOR, assignments)
+        except Exception as exc:  # not sent (broker down): the answer is that failure
+            error = exc
+
+            def failed():
+                raise error
+            return failed
+
+    def _assign(self, claims: list, with_changes: bool, sent=None) -> list:
+        """One ``assign_tickets`` call (``sent``: one ``_send_assignments`` already started for
+        these claims): per claim its view, its typed error, or None (no answer)."""
+        if not claims:
+            return []
+        answer = sent if sent is not None else self._send_assignments(claims, with_changes)
+        try:
+            results = answer()
         except HelpdeskError as refusal:
             if len(claims) == 1:
                 return [refusal]

@@ -81,6 +81,16 @@ class TicketsPort:
     def assign_tickets(self, actor, assignments):
         return self._call("assign_tickets", actor, assignments)
 
+    def send_assign_tickets(self, actor, assignments):
+        """Publish the call now; returns ``answer()``, which waits for the reply (with the
+        deadline, counted from when the answer is asked for)."""
+        reply = getattr(self._proxy, "assign_tickets").call_async(actor, assignments)
+
+        def answer():
+            with eventlet.Timeout(self._timeout, TimeoutError(f"tickets.assign_tickets: no answer in {self._timeout} s")):
+                return reply.result()
+        return answer
+
     def update_ticket(self, actor, ticket_id, changes, expected_version=None):
         return self._call("update_ticket", actor, ticket_id, changes, expected_version)
 

@@ -10,13 +10,14 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import eventlet
+from types import SimpleNamespace
 import pytest
 from sqlalchemy import select
 
 from contracts import routing as contract
 from contracts.errors import Conflict, HelpdeskError, NotFound, PreconditionFailed, ValidationError, error_payload
 from servicekit.tables import OUTBOX
-from services.routing import metrics, operations as ops
+from services.routing import metrics, operations as ops, router as router_module
 from services.routing.models import Decision, RoutedTicket, Skill
 from services.routing.router import Router, RoutingSettings
 from services.routing.service import TicketsPort
@@ -159,16 +160,25 @@ class SilentProxy:
         self._lost[method] = count
 
     def __getattr__(self, method):
-        target = getattr(self._tickets, method)
+        return _FakeProxyMethod(self, method)
 
-        def call(*args):
-            result = target(*args)
-            if self._lost.get(method):
-                self._lost[method] -= 1
-                eventlet.sleep(5)  # the deadline of the port fires long before
-            return result
 
-        return call
+class _FakeProxyMethod:
+    """``proxy.method(*args)`` and ``proxy.method.call_async(*args).result()``; the call takes
+    effect when it is sent, its answer may be lost."""
+
+    def __init__(self, proxy: "SilentProxy", method: str):
+        self._proxy, self._method = proxy, method
+
+    def __call__(self, *args):
+        return self.call_async(*args).result()
+
+    def call_async(self, *args):
+        result = getattr(self._proxy._tickets, self._method)(*args)
+        lost = bool(self._proxy._lost.get(self._method))
+        if lost:
+            self._proxy._lost[self._method] -= 1
+        return SimpleNamespace(result=lambda: eventlet.sleep(5) if lost else result)  # the deadline fires first
 
 
 class Routing:
@@ -623,7 +633,6 @@ def test_the_sweeper_does_not_redeliver_a_claim_someone_else_overtook(routing_uo
 
 
 def test_the_sweeper_corrects_a_drifted_agent_load(routing, tickets, routing_uow):
-    import services.routing.router as router_module
     from sqlalchemy import update
     from services.routing.models import Agent
 
@@ -929,6 +938,42 @@ def test_the_dispatch_round_claims_what_is_queued_while_its_last_delivery_is_und
         "the second ticket was claimed and sent without waiting for the first delivery"
     assert routing.state(first["id"]) == routing.state(second["id"]) == "assigned"
     assert routing.load("ann") == 2
+
+
+class _SendsAndAnswersLater(FakeTickets):
+    """A tickets port that can publish a call before its answer is asked for (TicketsPort's
+    ``send_assign_tickets``): records when each was sent and when its answer was asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def send_assign_tickets(self, actor, assignments):
+        ids = tuple(a["ticket_id"] for a in assignments)
+        self.log.append(("sent", ids))
+        view = self.assign_tickets(actor, assignments)
+
+        def answer():
+            self.log.append(("answer asked", ids))
+            return view
+        return answer
+
+
+def test_a_claimed_batch_is_sent_in_the_round_not_when_its_delivery_thread_first_runs(routing_uow):
+    tickets = _SendsAndAnswersLater()
+    routing = Routing(routing_uow, tickets)
+    routing.router = Router(routing_uow, tickets, RoutingSettings(), wake=lambda trigger: None)
+    routing.agent("ann", capacity=5)
+    created = [tickets.create() for _ in range(3)]
+    routing.pump()
+    deliveries = router_module._Deliveries(routing.router, 4)
+    assert routing.router._drain_round(contract.TIERS, "created", deliveries)
+    ids = tuple(sorted(t["id"] for t in created))
+    # no switch yet: the delivery thread has not run, the call is out already
+    assert [(what, tuple(sorted(i))) for what, i in tickets.log] == [("sent", ids)]
+    assert deliveries.wait() == (3, 0)
+    assert [what for what, _ in tickets.log] == ["sent", "answer asked"]
+    assert all(routing.state(t["id"]) == "assigned" for t in created)
 
 
 class _UnassignedRightAfter(FakeTickets):
