@@ -7,6 +7,7 @@ consumers dedupe on ``event_id`` (see ``servicekit.events``).
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import eventlet
@@ -129,15 +130,17 @@ class BatchPublisher:
             if self._connection is None:
                 self._open()
             last_tag = 0
-            for exchange, routing_key, body, headers, message_id in messages:
-                if exchange.name not in self._declared:
+            for exchange in {message[0].name: message[0] for message in messages}.values():
+                if exchange.name not in self._declared:  # before the writes are held back below
                     exchange(self._channel).declare()
                     self._declared.add(exchange.name)
-                self._producer.publish(body, exchange=exchange, routing_key=routing_key, headers=headers,
-                                       message_id=message_id, delivery_mode=PERSISTENT, retry=False,
-                                       content_type="application/json", content_encoding="utf-8")
-                last_tag = self._next_tag
-                self._next_tag += 1
+            with _one_write(self._connection.connection):
+                for exchange, routing_key, body, headers, message_id in messages:
+                    self._producer.publish(body, exchange=exchange, routing_key=routing_key, headers=headers,
+                                           message_id=message_id, delivery_mode=PERSISTENT, retry=False,
+                                           content_type="application/json", content_encoding="utf-8")
+                    last_tag = self._next_tag
+                    self._next_tag += 1
             deadline = time.monotonic() + self.confirm_timeout
             while self._confirmed_through < last_tag and not self._refused:
                 remaining = deadline - time.monotonic()
@@ -158,6 +161,29 @@ class BatchPublisher:
                 connection.release()
             except Exception:  # already broken: nothing to release
                 pass
+
+
+@contextmanager
+def _one_write(amqp_connection):
+    """The frames of the messages published inside go to the socket in one write when the
+    block ends (py-amqp writes each message on its own: a system call each, and under load
+    often a switch to the broker's process and back). Nothing is written if the block fails:
+    the caller drops the connection and publishes the batch again. A transport that does not
+    write through ``_write`` is left as it is (one write per message)."""
+    transport = getattr(amqp_connection, "transport", None)
+    write = getattr(transport, "_write", None)
+    if write is None:
+        yield
+        return
+    held = []
+    # py-amqp hands over a view of a buffer it reuses for the next frame: copied
+    transport._write = lambda data: held.append(bytes(data))
+    try:
+        yield
+    finally:
+        transport._write = write
+    if held:
+        write(b"".join(held))
 
 
 class OutboxRelay:
