@@ -487,8 +487,9 @@ def is_mirrored(session: Session, ticket_id: str) -> bool:
 
 
 # ticket id -> a version this process saw committed to the mirror (the database holds it or a
-# newer one: a mirrored version never goes down), so the events echoing routing's own
-# assignments are recognised as stale without a read
+# newer one: a mirrored version never goes down), or one the mirror is sure to hold (see
+# remember_answered_version), so the events echoing routing's own assignments are recognised as
+# stale without a read
 _COMMITTED_VERSIONS: dict = {}
 _COMMITTED_VERSIONS_MAX = 50_000
 
@@ -499,6 +500,18 @@ def remember_committed_version(ticket_id: str, version: int) -> None:
         _COMMITTED_VERSIONS.clear()
     if version > _COMMITTED_VERSIONS.get(ticket_id, -1):
         _COMMITTED_VERSIONS[ticket_id] = version
+
+
+def remember_answered_version(ticket_id: str, version: int) -> None:
+    """The tickets service answered one of this process's assignments with this version of the
+    ticket: the events of that assignment carry nothing the mirror will not hold. Its
+    confirmation applies the answer; if that fails, the claim stays "assigning" and the sweeper
+    delivers it again and applies the new answer (the same version or a newer one); and a claim
+    released meanwhile was overtaken by a newer version the mirror holds already. So those
+    events are acked from memory as they arrive, rather than mirrored in a batch of their own
+    just before the confirmation does the same (they often arrive first: the answer waits for
+    the confirmation's turn, the events do not)."""
+    remember_committed_version(ticket_id, version)
 
 
 def snapshot_known_stale(snapshot: dict) -> bool:

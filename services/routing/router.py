@@ -169,6 +169,7 @@ class _Deliveries:
                 self.released += 1
             elif answer is not None:
                 self._ready.append((claim, answer))
+                ops.remember_answered_version(claim.ticket_id, answer["version"])
         if self._ready and not self._confirming:
             self._confirming = True
             # a confirmation does not yield (SQLite, no I/O), so without a pause each batch would

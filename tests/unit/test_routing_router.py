@@ -976,6 +976,30 @@ def test_a_claimed_batch_is_sent_in_the_round_not_when_its_delivery_thread_first
     assert all(routing.state(t["id"]) == "assigned" for t in created)
 
 
+def test_the_events_of_an_answered_assignment_are_known_stale_before_its_confirmation(routing_uow, monkeypatch):
+    tickets = _SendsAndAnswersLater()
+    routing = Routing(routing_uow, tickets)
+    routing.router = Router(routing_uow, tickets, RoutingSettings(), wake=lambda trigger: None)
+    routing.agent("ann", capacity=5)
+    ticket = tickets.create()
+    routing.pump()
+    seen_at_confirmation = []
+    confirm = routing.router._confirm_all
+
+    def confirm_all(delivered):
+        # what the echo of the assignment (same version as the answer) meets meanwhile
+        seen_at_confirmation.extend(ops.snapshot_known_stale(view) for _claim, view in delivered)
+        assert routing.state(ticket["id"]) == "assigning"
+        return confirm(delivered)
+
+    monkeypatch.setattr(routing.router, "_confirm_all", confirm_all)
+    deliveries = router_module._Deliveries(routing.router, 4)
+    routing.router._drain_round(contract.TIERS, "created", deliveries)
+    assert deliveries.wait() == (1, 0)
+    assert seen_at_confirmation == [True]
+    assert routing.row(ticket["id"])["version"] == tickets.tickets[ticket["id"]]["version"]
+
+
 class _UnassignedRightAfter(FakeTickets):
     """A supervisor unassigns the ticket the moment routing's assignment lands, and routing
     mirrors both events before its claim is confirmed."""
