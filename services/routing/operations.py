@@ -602,11 +602,13 @@ def is_unsaved(row: RoutedTicket) -> bool:
     return sa_inspect(row).transient
 
 
-def insert_routed(session: Session, row: RoutedTicket) -> None:
-    """INSERT a row ``apply_snapshot(created=True)`` built, as it stands now (a Core
-    statement built once: most tickets routing hears of are new, and the unit of work's flush of
-    one object cost more than the rest of mirroring it). The object stays outside the session."""
-    session.execute(_INSERT_ROUTED, column_values(row))
+def insert_routed(session: Session, rows: list) -> None:
+    """INSERT rows ``apply_snapshot(created=True)`` built, as they stand now (one Core
+    statement built once, for all of them: most tickets routing hears of are new, and the unit
+    of work's flush of one object cost more than the rest of mirroring it). The objects stay
+    outside the session."""
+    if rows:
+        session.execute(_INSERT_ROUTED, [column_values(row) for row in rows])
 
 
 @dataclass(frozen=True)

@@ -247,12 +247,19 @@ class Router:
         if change.freed_agent:
             self.request_dispatch("capacity_freed")
 
-    def triage_in(self, session, row) -> dict | None:
+    @staticmethod
+    def triage_rules(session) -> list:
+        """The enabled rules, for ``triage_in`` (read once for many tickets)."""
+        with session.no_autoflush:  # a new row is written once, at the commit, with the rules' outcome
+            return ops.enabled_rules(session)
+
+    def triage_in(self, session, row, active_rules=None) -> dict | None:
         """Run the rules inside the transaction that first saw the ticket (the usual path: one
         transaction less per ticket). None: a rule reads the description, which events do not
-        carry, so ``triage`` must fetch it after the commit."""
-        with session.no_autoflush:  # the row is written once, at the commit, with the rules' outcome
-            active_rules = ops.enabled_rules(session)
+        carry, so ``triage`` must fetch it after the commit. ``active_rules``: from
+        ``triage_rules``, if the caller read them already."""
+        if active_rules is None:
+            active_rules = self.triage_rules(session)
         if active_rules and rules.uses_description(active_rules):
             return None
         outcome = rules.evaluate(active_rules, _rule_input(row)) if active_rules else None

@@ -232,16 +232,22 @@ class RoutingService(ServiceProbes):
 
     # --- events from tickets: one handler per type, each mirrors the snapshot ----------------
 
-    def _mirror(self, session, envelope, created: bool = False):
+    def _mirror(self, session, envelope, created: bool = False, rules=None, new_rows=None):
+        """``created``: see ``ops.apply_snapshot``; a new row goes to ``new_rows`` (the caller
+        INSERTs them together) or is written here. ``rules``: the enabled rules, if the caller
+        read them already."""
         # not flushed here: the rules change a new row before it is written (one INSERT)
         row, change = ops.apply_snapshot(session, envelope["payload"]["ticket"], flush=False, created=created)
         after = AfterCommit(self.router.follow_up, row.ticket_id, change)
         if change is not None and change.state == domain.TRIAGE:
-            triaged = self.router.triage_in(session, row)
+            triaged = self.router.triage_in(session, row, rules)
             if triaged is not None:
                 after = AfterCommit(self.router.after_triage, row.ticket_id, triaged)
         if created and ops.is_unsaved(row):
-            ops.insert_routed(session, row)
+            if new_rows is None:
+                ops.insert_routed(session, [row])
+            else:
+                new_rows.append(row)
         return after
 
     # in batches: the busiest event type (one per ticket), and under load many arrive together.
@@ -250,7 +256,11 @@ class RoutingService(ServiceProbes):
     @handles_events_in_batches(tickets_contract.SERVICE, tickets_contract.TICKET_CREATED,
                                known_stale=_snapshot_known_stale, payload_schema=tickets_contract.TicketCreatedPayload)
     def on_ticket_created(self, session, envelopes):
-        return [self._mirror(session, envelope, created=True) for envelope in envelopes]
+        rules, new_rows = self.router.triage_rules(session), []  # the rules read once per batch
+        after = [self._mirror(session, envelope, created=True, rules=rules, new_rows=new_rows)
+                 for envelope in envelopes]
+        ops.insert_routed(session, new_rows)
+        return after
 
     # the other ticket events in batches too: most of them echo routing's own assignments
     @handles_events_in_batches(tickets_contract.SERVICE, tickets_contract.TICKET_UPDATED,
