@@ -5,8 +5,10 @@ Publish is at-least-once (a crash between confirm and marking the row re-publish
 consumers dedupe on ``event_id`` (see ``servicekit.events``).
 """
 import logging
+import socket
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
@@ -40,7 +42,8 @@ _INSERT_EVENT = OUTBOX.insert()
 _NEXT_BATCH = (
     select(OUTBOX.c.id, OUTBOX.c.event_id, OUTBOX.c.source, OUTBOX.c.event_type,
            cast(OUTBOX.c.envelope, Text).label("envelope_json"), OUTBOX.c.request_id, OUTBOX.c.created_at)
-    .where(OUTBOX.c.published_at.is_(None))
+    # past the rows this relay has sent and not yet marked (SQLite has no row locks to skip them)
+    .where(OUTBOX.c.published_at.is_(None), OUTBOX.c.id > bindparam("after"))
     .order_by(OUTBOX.c.id)
     .limit(BATCH_SIZE)
     .with_for_update(skip_locked=True)
@@ -77,13 +80,13 @@ class UnconfirmedPublish(Exception):
 
 
 class BatchPublisher:
-    """Publishes a batch of messages in confirm mode and waits once for all the confirms.
+    """Publishes batches of messages in confirm mode; the confirms are taken as they come.
 
     nameko's Publisher waits for each message's confirm before sending the next (a broker round
     trip and a green-thread switch per event): an operation announcing three events paid three.
-    Here a batch goes out back to back and the relay waits until the broker has confirmed its
-    last delivery tag. Any failure closes the connection: the caller keeps the rows and retries
-    the whole batch (at-least-once, as before).
+    Here a batch goes out back to back (one write), and the caller learns when the broker has
+    confirmed its last delivery tag, meanwhile sending more. Any failure closes the connection:
+    the caller keeps the rows of everything not confirmed and sends it again (at-least-once).
     """
 
     def __init__(self, amqp_uri: str, confirm_timeout: float = CONFIRM_TIMEOUT_SECONDS):
@@ -124,8 +127,42 @@ class BatchPublisher:
         self._refused = True
 
     def publish_batch(self, messages) -> None:
-        """``messages``: (exchange, routing_key, body, headers, message_id) tuples; ``body`` is
-        JSON text, sent as it is (``application/json``)."""
+        """``send`` and wait until the broker confirmed them all."""
+        last_tag = self.send(messages)
+        deadline = time.monotonic() + self.confirm_timeout
+        while not self.confirmed(last_tag):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.close()
+                raise UnconfirmedPublish(f"no confirm within {self.confirm_timeout}s")
+            self.poll_confirms(remaining)
+
+    def confirmed(self, tag: int) -> bool:
+        """Whether the broker confirmed every message sent on this connection up to ``tag``."""
+        return self._confirmed_through >= tag
+
+    def poll_confirms(self, timeout: float) -> None:
+        """Take the confirms that arrive within ``timeout`` seconds (0: those already here).
+        A refusal (nack) or a broken connection closes the connection and raises: what was sent
+        and not confirmed must be sent again."""
+        try:
+            if self._connection is None:
+                raise UnconfirmedPublish("the connection was closed")
+            try:
+                self._connection.drain_events(timeout=timeout)
+            except socket.timeout:
+                pass
+            if self._refused:
+                raise UnconfirmedPublish("the broker refused (nack) a published event")
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, messages) -> int:
+        """Publish ``messages`` without waiting for their confirms; returns the delivery tag of
+        the last one (``confirmed(tag)`` tells when the broker has them all). ``messages``:
+        (exchange, routing_key, body, headers, message_id) tuples; ``body`` is JSON text, sent as
+        it is (``application/json``)."""
         try:
             if self._connection is None:
                 self._open()
@@ -141,14 +178,7 @@ class BatchPublisher:
                                            content_type="application/json", content_encoding="utf-8")
                     last_tag = self._next_tag
                     self._next_tag += 1
-            deadline = time.monotonic() + self.confirm_timeout
-            while self._confirmed_through < last_tag and not self._refused:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise UnconfirmedPublish(f"no confirm within {self.confirm_timeout}s")
-                self._connection.drain_events(timeout=remaining)
-            if self._refused:
-                raise UnconfirmedPublish("the broker refused (nack) a published event")
+            return last_tag
         except BaseException:
             self.close()
             raise
@@ -186,13 +216,34 @@ def _one_write(amqp_connection):
         write(b"".join(held))
 
 
+class _SentBatch:
+    """A batch published and not confirmed yet: its rows' session (on PostgreSQL it holds their
+    row locks, so that no other replica publishes them meanwhile) and its last delivery tag."""
+
+    def __init__(self, session, ids, last_tag, deadline):
+        self.session, self.ids, self.last_tag, self.deadline = session, ids, last_tag, deadline
+
+
+# batches published and waiting for their confirms at once: the broker confirms persistent
+# messages once they are on its disk, usually in ~10 ms but at times in hundreds, and events
+# committed meanwhile go out without waiting for that (their consumers get them at once)
+MAX_BATCHES_IN_FLIGHT = 8
+# while batches wait for confirms and nothing new is committed, how long one look for confirms
+# lasts (a commit's wake is seen at the latest after this)
+CONFIRM_POLL_SECONDS = 0.005
+
+
 class OutboxRelay:
     """Publishes committed outbox rows, at least once; one relay per service instance.
 
-    One relay publishes in row order. Several replicas may run: on PostgreSQL rows are claimed
-    with ``FOR UPDATE SKIP LOCKED`` so each row is published by one relay at a time, and then
-    order across replicas (and across concurrently committing transactions) is not guaranteed;
-    consumers must not rely on it (envelopes carry ``occurred_at``, snapshots a ``version``).
+    One relay publishes in row order, and marks rows published in that order as the broker
+    confirms them; it sends the next batch without waiting for the confirms of the last ones
+    (up to MAX_BATCHES_IN_FLIGHT). If a batch is refused or not confirmed in time, every batch
+    not confirmed yet is sent again. Several replicas may run: on PostgreSQL rows are claimed
+    with ``FOR UPDATE SKIP LOCKED`` (held until they are marked) so each row is published by
+    one relay at a time, and then order across replicas (and across concurrently committing
+    transactions) is not guaranteed; consumers must not rely on it (envelopes carry
+    ``occurred_at``, snapshots a ``version``).
     """
 
     def __init__(self, engine, amqp_uri: str, service: str):
@@ -206,6 +257,9 @@ class OutboxRelay:
         self._consecutive_failures = 0
         self._last_purge = datetime.now(timezone.utc)
         self._last_recount = float("-inf")
+        self._sent = deque()  # _SentBatch, oldest first
+        self._sent_through = 0  # the highest row id sent and not yet marked published
+        self._look = True  # whether there may be rows to send (a wake came, or the last batch was full)
 
     def wake(self):
         self._wake.set()
@@ -213,14 +267,16 @@ class OutboxRelay:
     def stop(self):
         self._running = False
         self._wake.set()
+        self._abandon_sent()
         self.publisher.close()
 
     def run(self):
         while self._running:
             try:
-                published = self.relay_batch()
+                published = self.relay_step()
                 self._consecutive_failures = 0
             except Exception as exc:  # broker or database down: keep rows, back off, retry
+                self._abandon_sent()
                 self._consecutive_failures += 1
                 delay = min(MAX_BACKOFF_SECONDS, 0.2 * 2 ** min(self._consecutive_failures, 10))
                 metrics.OUTBOX_PUBLISH_FAILURES.labels(self.service).inc()
@@ -228,34 +284,85 @@ class OutboxRelay:
                             self._consecutive_failures, delay, exc)
                 eventlet.sleep(delay)
                 continue
-            if published >= BATCH_SIZE:
-                eventlet.sleep(0)  # more waiting: go again, but let workers run
+            if published:
+                eventlet.sleep(0)  # more may be waiting: go again, but let workers run
                 continue
+            if self._sent:
+                continue  # relay_step waited for confirms a little already
             self._wake.wait(IDLE_POLL_SECONDS)
-            self._wake.clear()
+            self._look = True  # woken, or the idle poll's look (a wake lost to a crash)
             self._maybe_purge()
+
+    def relay_step(self) -> int:
+        """Send the next batch if there may be one and the window allows it, then take the
+        confirms that came (waiting up to CONFIRM_POLL_SECONDS if nothing was sent) and mark
+        the confirmed batches published. Returns how many rows were sent."""
+        sent = 0
+        if self._wake.is_set():
+            self._wake.clear()
+            self._look = True
+        if self._look and len(self._sent) < MAX_BATCHES_IN_FLIGHT:
+            self._look = False
+            sent = self._send_next()
+        if self._sent:
+            self.publisher.poll_confirms(0 if sent else CONFIRM_POLL_SECONDS)
+            self._mark_confirmed()
+        return sent
+
+    def _send_next(self) -> int:
+        session = Session(self.engine)
+        try:
+            rows = session.execute(_NEXT_BATCH, {"after": self._sent_through}).all()
+            self._observe_lag(session, rows)
+            if not rows:
+                session.close()
+                return 0
+            last_tag = self.publisher.send([
+                (self._exchange(row.source), row.event_type, row.envelope_json,
+                 {"nameko.request_id": row.request_id} if row.request_id else {}, row.event_id)
+                for row in rows])
+        except BaseException:
+            session.close()
+            raise
+        self._sent.append(_SentBatch(session, [row.id for row in rows], last_tag,
+                                     time.monotonic() + self.publisher.confirm_timeout))
+        self._sent_through = rows[-1].id
+        self._look = len(rows) >= BATCH_SIZE
+        return len(rows)
+
+    def _mark_confirmed(self) -> None:
+        """Mark published, oldest first, the batches the broker has confirmed; a batch past its
+        deadline fails the relay step (everything not confirmed is sent again)."""
+        while self._sent and self.publisher.confirmed(self._sent[0].last_tag):
+            batch = self._sent.popleft()
+            try:
+                batch.session.execute(_MARK_PUBLISHED, {"ids": batch.ids, "at": datetime.now(timezone.utc)})
+                batch.session.commit()
+            finally:
+                batch.session.close()
+            metrics.OUTBOX_PUBLISHED.labels(self.service).inc(len(batch.ids))
+        if not self._sent:
+            self._sent_through = 0  # nothing in flight: look from the start (rows a failure left)
+        elif self._sent[0].deadline < time.monotonic():
+            self.publisher.close()
+            raise UnconfirmedPublish(f"no confirm within {self.publisher.confirm_timeout}s")
+
+    def _abandon_sent(self) -> None:
+        """Forget the batches not confirmed: their rows stay unpublished and are sent again."""
+        while self._sent:
+            batch = self._sent.popleft()
+            try:
+                batch.session.close()
+            except Exception:  # its connection is gone already
+                pass
+        self._sent_through = 0
+        self._look = True
 
     def _exchange(self, source):
         exchange = self._exchanges.get(source)
         if exchange is None:
             exchange = self._exchanges[source] = get_event_exchange(source, {})
         return exchange
-
-    def relay_batch(self) -> int:
-        with Session(self.engine) as session:
-            rows = session.execute(_NEXT_BATCH).all()
-            self._observe_lag(session, rows)
-            if not rows:
-                return 0
-            self.publisher.publish_batch([
-                (self._exchange(row.source), row.event_type, row.envelope_json,
-                 {"nameko.request_id": row.request_id} if row.request_id else {}, row.event_id)
-                for row in rows])
-            published_ids = [row.id for row in rows]
-            session.execute(_MARK_PUBLISHED, {"ids": published_ids, "at": datetime.now(timezone.utc)})
-            session.commit()
-            metrics.OUTBOX_PUBLISHED.labels(self.service).inc(len(published_ids))
-        return len(published_ids)
 
     def _observe_lag(self, session, rows):
         now = time.monotonic()
