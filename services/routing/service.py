@@ -60,6 +60,19 @@ def _snapshot_known_stale(body) -> bool:
     return type(snapshot["version"]) is int and ops.snapshot_known_stale(snapshot)
 
 
+def _mirrored_in_batches(name: str, event_type: str, payload_schema):
+    """A handler of one tickets event type that mirrors each event's snapshot, in batches.
+    ``name`` is the service attribute it is bound to: its handled-event marks and metrics go
+    by it."""
+
+    def handler(self, session, envelopes):
+        return [self._mirror(session, envelope) for envelope in envelopes]
+
+    handler.__name__ = handler.__qualname__ = name
+    return handles_events_in_batches(tickets_contract.SERVICE, event_type, already_applied=_snapshots_held,
+                                     known_stale=_snapshot_known_stale, payload_schema=payload_schema)(handler)
+
+
 class TicketsPort:
     """The tickets RPCs routing uses, each with a deadline (nameko's RpcProxy has none)."""
 
@@ -263,23 +276,12 @@ class RoutingService(ServiceProbes):
         return after
 
     # the other ticket events in batches too: most of them echo routing's own assignments
-    @handles_events_in_batches(tickets_contract.SERVICE, tickets_contract.TICKET_UPDATED,
-                               already_applied=_snapshots_held, known_stale=_snapshot_known_stale,
-                               payload_schema=tickets_contract.TicketUpdatedPayload)
-    def on_ticket_updated(self, session, envelopes):
-        return [self._mirror(session, envelope) for envelope in envelopes]
-
-    @handles_events_in_batches(tickets_contract.SERVICE, tickets_contract.TICKET_STATUS_CHANGED,
-                               already_applied=_snapshots_held, known_stale=_snapshot_known_stale,
-                               payload_schema=tickets_contract.TicketStatusChangedPayload)
-    def on_ticket_status_changed(self, session, envelopes):
-        return [self._mirror(session, envelope) for envelope in envelopes]
-
-    @handles_events_in_batches(tickets_contract.SERVICE, tickets_contract.TICKET_ASSIGNED,
-                               already_applied=_snapshots_held, known_stale=_snapshot_known_stale,
-                               payload_schema=tickets_contract.TicketAssignedPayload)
-    def on_ticket_assigned(self, session, envelopes):
-        return [self._mirror(session, envelope) for envelope in envelopes]
+    on_ticket_updated = _mirrored_in_batches("on_ticket_updated", tickets_contract.TICKET_UPDATED,
+                                             tickets_contract.TicketUpdatedPayload)
+    on_ticket_status_changed = _mirrored_in_batches("on_ticket_status_changed", tickets_contract.TICKET_STATUS_CHANGED,
+                                                    tickets_contract.TicketStatusChangedPayload)
+    on_ticket_assigned = _mirrored_in_batches("on_ticket_assigned", tickets_contract.TICKET_ASSIGNED,
+                                              tickets_contract.TicketAssignedPayload)
 
     @handles_event_once(tickets_contract.SLA_SOURCE, tickets_contract.TICKET_SLA_UPDATED,
                         payload_schema=tickets_contract.TicketSlaUpdatedPayload)
