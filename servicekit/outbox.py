@@ -42,7 +42,9 @@ _INSERT_EVENT = OUTBOX.insert()
 _NEXT_BATCH = (
     select(OUTBOX.c.id, OUTBOX.c.event_id, OUTBOX.c.source, OUTBOX.c.event_type,
            cast(OUTBOX.c.envelope, Text).label("envelope_json"), OUTBOX.c.request_id, OUTBOX.c.created_at)
-    # past the rows this relay has sent and not yet marked (SQLite has no row locks to skip them)
+    # past the rows this relay has sent and not yet marked: on SQLite (no row locks to skip
+    # them; its one writer hands out ids in commit order); PostgreSQL skips them as locked, and
+    # there a lower id can commit after a higher one, so it always reads from the start
     .where(OUTBOX.c.published_at.is_(None), OUTBOX.c.id > bindparam("after"))
     .order_by(OUTBOX.c.id)
     .limit(BATCH_SIZE)
@@ -231,6 +233,8 @@ MAX_BATCHES_IN_FLIGHT = 8
 # while batches wait for confirms and nothing new is committed, how long one look for confirms
 # lasts (a commit's wake is seen at the latest after this)
 CONFIRM_POLL_SECONDS = 0.005
+# how long stop() waits for the relay's loop to end (a step takes milliseconds)
+STOP_WAIT_SECONDS = 2.0
 
 
 class OutboxRelay:
@@ -258,19 +262,35 @@ class OutboxRelay:
         self._last_purge = datetime.now(timezone.utc)
         self._last_recount = float("-inf")
         self._sent = deque()  # _SentBatch, oldest first
-        self._sent_through = 0  # the highest row id sent and not yet marked published
+        self._sent_through = 0  # SQLite: the highest row id sent and not yet marked published
+        self._ids_in_commit_order = engine.dialect.name == "sqlite"
         self._look = True  # whether there may be rows to send (a wake came, or the last batch was full)
+        self._stopped = threading.Event()
+        self._stopped.set()  # until run() starts
 
     def wake(self):
         self._wake.set()
 
-    def stop(self):
+    def stop(self, timeout: float = STOP_WAIT_SECONDS):
+        """Ask run() to end and wait for it (it forgets the batches not confirmed and closes
+        the connection itself: done from here, a step under way could open another)."""
         self._running = False
         self._wake.set()
-        self._abandon_sent()
-        self.publisher.close()
+        if not self._stopped.wait(timeout):
+            log.warning("outbox relay did not stop within %.1fs; closing its connection", timeout)
+            self._abandon_sent()
+            self.publisher.close()
 
     def run(self):
+        self._stopped.clear()
+        try:
+            self._run()
+        finally:
+            self._abandon_sent()
+            self.publisher.close()
+            self._stopped.set()
+
+    def _run(self):
         while self._running:
             try:
                 published = self.relay_step()
@@ -312,7 +332,7 @@ class OutboxRelay:
     def _send_next(self) -> int:
         session = Session(self.engine)
         try:
-            rows = session.execute(_NEXT_BATCH, {"after": self._sent_through}).all()
+            rows = session.execute(_NEXT_BATCH, {"after": self._sent_through if self._ids_in_commit_order else 0}).all()
             self._observe_lag(session, rows)
             if not rows:
                 session.close()
