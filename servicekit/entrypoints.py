@@ -101,6 +101,7 @@ class PriorityLane(SharedExtension):
         self._turns = deque()  # plain calls waiting for a slot, in the order they were read
         self._counted = set()  # id() of the deliveries counted and not handed to their worker yet
         self._enabled = None
+        self._stopping = False
 
     def enabled(self) -> bool:
         """Whether this container has a priority method (asked once the entrypoints exist)."""
@@ -137,24 +138,36 @@ class PriorityLane(SharedExtension):
         """Free plain slots to the plain calls waiting, first read first."""
         while self._turns and self.plain_running < self.plain_slots() and not self._held_back():
             self.plain_running += 1
-            self._turns.popleft().send()
+            self._turns.popleft().send(True)
 
-    def admit_plain(self) -> None:
+    def admit_plain(self) -> bool:
         """Before a plain call takes a worker: wait for a plain slot, and while a priority call
-        is pending; then hold the slot until ``plain_done``."""
+        is pending; then hold the slot until ``plain_done``. False once the service stops:
+        the call is not started (its caller requeues it for another instance)."""
+        if self._stopping:
+            return False
         if not self._turns and self.plain_running < self.plain_slots() and not self._held_back():
             self.plain_running += 1
-            return
+            return True
         turn = Event()
         self._turns.append(turn)
         try:
-            turn.wait()
+            return turn.wait()
         except BaseException:  # killed while waiting: its turn (and a slot it was given) goes on
             if turn.ready():
-                self.plain_done()
+                if turn.wait():
+                    self.plain_done()
             else:
                 self._turns.remove(turn)
             raise
+
+    def stop_admitting(self) -> None:
+        """The service is stopping: plain calls still waiting are not started (nameko waits
+        only for workers, so one admitted now would run while the service's dependencies stop
+        and its ack could be lost: it would run twice)."""
+        self._stopping = True
+        while self._turns:
+            self._turns.popleft().send(False)
 
     def plain_done(self) -> None:
         self.plain_running -= 1
@@ -210,13 +223,18 @@ class Rpc(_NamekoRpc):
         self.priority = priority
         super().__init__(*args, **kwargs)
 
+    def stop(self):
+        self.lane.stop_admitting()
+        super().stop()
+
     def handle_message(self, body, message):
         priority = self.lane.counted(message)
         if not priority and not self.lane.enabled():
             super().handle_message(body, message)
             return
-        if not priority:
-            self.lane.admit_plain()
+        if not priority and not self.lane.admit_plain():
+            self.rpc_consumer.requeue_message(message)  # stopping: another instance takes it
+            return
         # the lane is left once, whichever way the call ends: answered, refused before its
         # worker started (a malformed request), requeued, or its worker killed
         left = []
