@@ -209,10 +209,12 @@ class BatchingEventHandler(ReliableEventHandler):
             self.container.spawn_worker(self, ([body for body, _ in batch],), {},
                                         context_data=self.unpack_message_headers(batch[0][1]),
                                         handle_result=functools.partial(self._batch_done, batch))
-        except ContainerBeingKilled:
+        except Exception as exc:  # e.g. ContainerBeingKilled: the broker delivers them again
             self._batch_running = False
             for _, message in batch:
                 self.queue_consumer.requeue_message(message)
+            if not isinstance(exc, ContainerBeingKilled):
+                log.exception("could not start a batch of %s; its events were requeued", self.method_name)
 
     def _batch_done(self, batch, worker_ctx, result=None, exc_info=None):
         try:

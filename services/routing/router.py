@@ -544,15 +544,22 @@ class Router:
         decision row), with the tickets service's answer mirrored and ``ticket_routed``."""
         if not delivered:
             return
-        confirmed, versions, overtaken = [], {}, []
+        confirmed, versions, overtaken, mirrored = [], {}, [], []
         with self.uow.transaction() as session:
             rows = ops.lock_tickets(session, [claim.ticket_id for claim, _ in delivered])
             # once per claim: a re-delivery by the sweeper, or a release meanwhile, confirms nothing
             won = ops.confirm_decisions(session, [claim.decision_id for claim, _ in delivered])
             for claim, view in sorted(delivered, key=lambda d: d[0].ticket_id):
-                if claim.decision_id not in won:
+                row = rows.get(claim.ticket_id)
+                if row is None:
                     continue
-                row = rows[claim.ticket_id]
+                if claim.decision_id not in won:
+                    # the answer is still the ticket as it is: mirrored as an event would be (its
+                    # events may have been acked from memory on this answer's version)
+                    _row, change = ops.apply_snapshot(session, view, row, flush=False)
+                    mirrored.append((claim.ticket_id, change))
+                    versions[claim.ticket_id] = row.ticket_version
+                    continue
                 if row.ticket_version > view["version"]:
                     overtaken.append(claim.ticket_id)
                 if row.claim_decision_id == claim.decision_id and row.state == domain.ASSIGNING:
@@ -574,6 +581,8 @@ class Router:
             metrics.TIME_TO_ASSIGNMENT.labels(claim.tier).observe(waited)
         for ticket_id in overtaken:
             self._resync(ticket_id)
+        for ticket_id, change in mirrored:
+            self.follow_up(ticket_id, change)
 
     def _resync(self, ticket_id: str) -> None:
         """The mirror took newer snapshots while the claim was in flight and kept the claimed

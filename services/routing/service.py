@@ -60,13 +60,20 @@ def _snapshot_known_stale(body) -> bool:
     return type(snapshot["version"]) is int and ops.snapshot_known_stale(snapshot)
 
 
+def _in_ticket_order(envelopes: list) -> list:
+    """A batch's events in ticket id order (stable: one ticket's events keep theirs), the order
+    claims and confirmations lock tickets in, so that on PostgreSQL a batch and a claim never
+    wait on each other's rows in a cycle."""
+    return sorted(envelopes, key=lambda envelope: envelope["payload"]["ticket"]["id"])
+
+
 def _mirrored_in_batches(name: str, event_type: str, payload_schema):
     """A handler of one tickets event type that mirrors each event's snapshot, in batches.
     ``name`` is the service attribute it is bound to: its handled-event marks and metrics go
     by it."""
 
     def handler(self, session, envelopes):
-        return [self._mirror(session, envelope) for envelope in envelopes]
+        return [self._mirror(session, envelope) for envelope in _in_ticket_order(envelopes)]
 
     handler.__name__ = handler.__qualname__ = name
     return handles_events_in_batches(tickets_contract.SERVICE, event_type, already_applied=_snapshots_held,
@@ -271,7 +278,7 @@ class RoutingService(ServiceProbes):
     def on_ticket_created(self, session, envelopes):
         rules, new_rows = self.router.triage_rules(session), []  # the rules read once per batch
         after = [self._mirror(session, envelope, created=True, rules=rules, new_rows=new_rows)
-                 for envelope in envelopes]
+                 for envelope in _in_ticket_order(envelopes)]
         ops.insert_routed(session, new_rows)
         return after
 

@@ -1000,6 +1000,27 @@ def test_the_events_of_an_answered_assignment_are_known_stale_before_its_confirm
     assert routing.row(ticket["id"])["version"] == tickets.tickets[ticket["id"]]["version"]
 
 
+def test_an_answer_to_a_claim_confirmed_meanwhile_is_still_mirrored(routing, tickets, routing_uow):
+    # a re-delivery of a claim another delivery confirmed meanwhile: its decision is not won,
+    # but its answer (a newer version) is mirrored, since the events of that version may have
+    # been acked from memory on it
+    routing.agent("ann")
+    ticket = tickets.create()
+    routing.pump()
+    with routing_uow.read() as session:
+        row = session.get(RoutedTicket, ticket["id"])
+        claim = router_module.Claim(ticket["id"], "ann", row.claim_decision_id, row.tier, "created",
+                                    row.ticket_created_at, None)
+    assert routing.state(ticket["id"]) == "assigned"
+    newer = tickets.update_ticket(SUPERVISOR, ticket["id"], {"priority": "high"})
+    ops.remember_answered_version(ticket["id"], newer["version"])  # the re-delivery's answer
+    routing.router._confirm_all([(claim, newer)])
+    assert routing.row(ticket["id"])["version"] == newer["version"]
+    with routing_uow.read() as session:
+        assert session.get(RoutedTicket, ticket["id"]).priority == "high"
+    assert [o for o, _ in routing.outcomes(ticket["id"])].count("assigned") == 1  # confirmed once
+
+
 class _UnassignedRightAfter(FakeTickets):
     """A supervisor unassigns the ticket the moment routing's assignment lands, and routing
     mirrors both events before its claim is confirmed."""
