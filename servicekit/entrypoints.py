@@ -152,7 +152,11 @@ class PriorityLane(SharedExtension):
         turn = Event()
         self._turns.append(turn)
         try:
-            return turn.wait()
+            admitted = turn.wait()
+            if admitted and self._stopping:  # given its slot just before the stop: not started
+                self.plain_done()
+                return False
+            return admitted
         except BaseException:  # killed while waiting: its turn (and a slot it was given) goes on
             if turn.ready():
                 if turn.wait():
@@ -160,6 +164,10 @@ class PriorityLane(SharedExtension):
             else:
                 self._turns.remove(turn)
             raise
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def stop_admitting(self) -> None:
         """The service is stopping: plain calls still waiting are not started (nameko waits
@@ -231,6 +239,10 @@ class Rpc(_NamekoRpc):
         priority = self.lane.counted(message)
         if not priority and not self.lane.enabled():
             super().handle_message(body, message)
+            return
+        if priority and self.lane.stopping:  # read before the consumer stopped: for another instance
+            self.lane.done()
+            self.rpc_consumer.requeue_message(message)
             return
         if not priority and not self.lane.admit_plain():
             self.rpc_consumer.requeue_message(message)  # stopping: another instance takes it

@@ -185,6 +185,17 @@ class BatchPublisher:
             self.close()
             raise
 
+    def drop(self):
+        """Close without the broker's close handshake (which waits for its answer): for a
+        connection that may be stuck."""
+        connection, self._connection = self._connection, None
+        self._channel = self._producer = None
+        if connection is not None:
+            try:
+                connection.collect()
+            except Exception:  # already broken: nothing to collect
+                pass
+
     def close(self):
         connection, self._connection = self._connection, None
         self._channel = self._producer = None
@@ -267,6 +278,7 @@ class OutboxRelay:
         self._look = True  # whether there may be rows to send (a wake came, or the last batch was full)
         self._stopped = threading.Event()
         self._stopped.set()  # until run() starts
+        self._stop_requested = threading.Event()
 
     def wake(self):
         self._wake.set()
@@ -275,11 +287,12 @@ class OutboxRelay:
         """Ask run() to end and wait for it (it forgets the batches not confirmed and closes
         the connection itself: done from here, a step under way could open another)."""
         self._running = False
+        self._stop_requested.set()
         self._wake.set()
         if not self._stopped.wait(timeout):
-            log.warning("outbox relay did not stop within %.1fs; closing its connection", timeout)
+            log.warning("outbox relay did not stop within %.1fs; dropping its connection", timeout)
             self._abandon_sent()
-            self.publisher.close()
+            self.publisher.drop()
 
     def run(self):
         self._stopped.clear()
@@ -302,7 +315,7 @@ class OutboxRelay:
                 metrics.OUTBOX_PUBLISH_FAILURES.labels(self.service).inc()
                 log.warning("outbox relay failed (attempt %s), retrying in %.1fs: %s",
                             self._consecutive_failures, delay, exc)
-                eventlet.sleep(delay)
+                self._stop_requested.wait(delay)  # a stop does not wait for the back-off
                 continue
             if published:
                 eventlet.sleep(0)  # more may be waiting: go again, but let workers run

@@ -514,6 +514,14 @@ def remember_answered_version(ticket_id: str, version: int) -> None:
     remember_committed_version(ticket_id, version)
 
 
+def forget_answered_version(ticket_id: str, version: int) -> None:
+    """The confirmation that was to mirror an answered version failed for good: its events,
+    those still to come, must be mirrored again (a claim still "assigning" is delivered again by
+    the sweeper anyway)."""
+    if _COMMITTED_VERSIONS.get(ticket_id) == version:
+        del _COMMITTED_VERSIONS[ticket_id]
+
+
 def snapshot_known_stale(snapshot: dict) -> bool:
     """From memory only: this process saw this version of the ticket, or a newer one, committed."""
     return snapshot["version"] <= _COMMITTED_VERSIONS.get(snapshot["id"], -1)

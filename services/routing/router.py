@@ -192,6 +192,7 @@ class _Deliveries:
                             self._router._confirm_all([delivered])
                         except Exception as exc:
                             log.warning("confirmation of the claim on %s failed: %r", delivered[0].ticket_id, exc)
+                            ops.forget_answered_version(delivered[0].ticket_id, delivered[1]["version"])
                             continue
                         self.delivered += 1
                     continue
