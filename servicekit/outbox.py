@@ -188,20 +188,14 @@ class BatchPublisher:
     def drop(self):
         """Close without the broker's close handshake (which waits for its answer): for a
         connection that may be stuck."""
-        connection, self._connection = self._connection, None
-        self._channel = self._producer = None
-        if connection is not None:
-            try:
-                connection.collect()
-            except Exception:  # already broken: nothing to collect
-                pass
+        self.close(handshake=False)
 
-    def close(self):
+    def close(self, handshake: bool = True):
         connection, self._connection = self._connection, None
         self._channel = self._producer = None
         if connection is not None:
             try:
-                connection.release()
+                connection.release() if handshake else connection.collect()
             except Exception:  # already broken: nothing to release
                 pass
 
