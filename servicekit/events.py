@@ -316,20 +316,19 @@ def handles_events_in_batches(source_service: str, event_type: str, payload_sche
                     outcomes[index] = exc
             if not loaded:
                 return outcomes
-            after = []
-            try:
-                if len(loaded) == 1:  # alone already: a failure is that event's own
-                    raise _Alone()
-                after.append(_handle_together(self, db_attr, handler_name, method, [e for _, e in loaded]))
-            except Exception as exc:
-                if not isinstance(exc, _Alone):
+            after, alone = [], loaded
+            if len(loaded) > 1:  # a batch of one is handled alone at once: a failure is its own
+                try:
+                    after.append(_handle_together(self, db_attr, handler_name, method, [e for _, e in loaded]))
+                    alone = []
+                except Exception as exc:
                     log.warning("a batch of %d events for %s failed (%r); handling them one at a time",
                                 len(loaded), handler_name, exc)
-                for index, envelope in loaded:
-                    try:
-                        after.append(_handle_alone(self, db_attr, handler_name, method, [envelope]))
-                    except Exception as exc:  # retried on its own, then parked
-                        outcomes[index] = exc
+            for index, envelope in alone:
+                try:
+                    after.append(_handle_alone(self, db_attr, handler_name, method, [envelope]))
+                except Exception as exc:  # retried on its own, then parked
+                    outcomes[index] = exc
             for work in _after_commit_work(after):
                 try:
                     work.run()
@@ -341,10 +340,6 @@ def handles_events_in_batches(source_service: str, event_type: str, payload_sche
                                               max_batch=max_batch)(wrapper)
 
     return decorator
-
-
-class _Alone(Exception):
-    """A batch of one: handled as a single event straight away."""
 
 
 def _after_commit_work(results) -> list:
