@@ -128,17 +128,6 @@ class BatchPublisher:
     def _on_nack(self, delivery_tag, multiple):
         self._refused = True
 
-    def publish_batch(self, messages) -> None:
-        """``send`` and wait until the broker confirmed them all."""
-        last_tag = self.send(messages)
-        deadline = time.monotonic() + self.confirm_timeout
-        while not self.confirmed(last_tag):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.close()
-                raise UnconfirmedPublish(f"no confirm within {self.confirm_timeout}s")
-            self.poll_confirms(remaining)
-
     def confirmed(self, tag: int) -> bool:
         """Whether the broker confirmed every message sent on this connection up to ``tag``."""
         return self._confirmed_through >= tag
@@ -261,7 +250,6 @@ class OutboxRelay:
         # no retries inside: the relay backs off itself (kombu's would block it for long stretches)
         self.publisher = BatchPublisher(amqp_uri)
         self._wake = threading.Event()
-        self._running = True
         self._exchanges = {}
         self._consecutive_failures = 0
         self._last_purge = datetime.now(timezone.utc)
@@ -280,7 +268,6 @@ class OutboxRelay:
     def stop(self, timeout: float = STOP_WAIT_SECONDS):
         """Ask run() to end and wait for it (it forgets the batches not confirmed and closes
         the connection itself: done from here, a step under way could open another)."""
-        self._running = False
         self._stop_requested.set()
         self._wake.set()
         if not self._stopped.wait(timeout):
@@ -298,7 +285,7 @@ class OutboxRelay:
             self._stopped.set()
 
     def _run(self):
-        while self._running:
+        while not self._stop_requested.is_set():
             try:
                 published = self.relay_step()
                 self._consecutive_failures = 0

@@ -215,7 +215,7 @@ class _Deliveries:
 
 class Router:
     """``uow``: servicekit UnitOfWork; ``tickets``: an object with the tickets RPCs
-    (get_ticket, assign_ticket, assign_tickets, update_ticket, add_comment) that raise
+    (get_ticket, assign_ticket, assign_tickets or send_assign_tickets, update_ticket, add_comment) that raise
     contracts errors;
     ``wake(trigger)``: asks the service's dispatcher to route what is queued, after the caller
     is done (the service's handlers use it, so that tickets are assigned in batches by one

@@ -86,10 +86,13 @@ class TicketsPort:
     def __init__(self, proxy, timeout: float):
         self._proxy, self._timeout = proxy, timeout
 
-    def _call(self, method, *args):
+    def _deadline(self, method):
         # a TimeoutError, not eventlet's own Timeout: that is a BaseException, which the router's
         # ``except Exception`` around these calls would let escape
-        with eventlet.Timeout(self._timeout, TimeoutError(f"tickets.{method}: no answer in {self._timeout} s")):
+        return eventlet.Timeout(self._timeout, TimeoutError(f"tickets.{method}: no answer in {self._timeout} s"))
+
+    def _call(self, method, *args):
+        with self._deadline(method):
             return getattr(self._proxy, method)(*args)
 
     def get_ticket(self, actor, ticket_id):
@@ -98,16 +101,13 @@ class TicketsPort:
     def assign_ticket(self, actor, ticket_id, assignee_id, group):
         return self._call("assign_ticket", actor, ticket_id, assignee_id, group)
 
-    def assign_tickets(self, actor, assignments):
-        return self._call("assign_tickets", actor, assignments)
-
     def send_assign_tickets(self, actor, assignments):
-        """Publish the call now; returns ``answer()``, which waits for the reply (with the
-        deadline, counted from when the answer is asked for)."""
-        reply = getattr(self._proxy, "assign_tickets").call_async(actor, assignments)
+        """``assign_tickets``, published now; returns ``answer()``, which waits for the reply
+        (with the deadline, counted from when the answer is asked for)."""
+        reply = self._proxy.assign_tickets.call_async(actor, assignments)
 
         def answer():
-            with eventlet.Timeout(self._timeout, TimeoutError(f"tickets.assign_tickets: no answer in {self._timeout} s")):
+            with self._deadline("assign_tickets"):
                 return reply.result()
         return answer
 
