@@ -45,6 +45,7 @@ def main(argv=None):
     service_cls = load_service_class(args.service)
     logging.getLogger(__name__).info(
         "starting %s, http on %s:%s", args.service, settings.http_host, settings.http_port)
+    _freeze_startup_heap(args.service)  # the imports: before any request
     eventlet.spawn_after(GC_FREEZE_AFTER_SECONDS, _freeze_startup_heap, args.service)
     run([service_cls], settings.nameko_config())
 
@@ -55,6 +56,11 @@ def main(argv=None):
 # load two or three a second, each stopping the process for 50-150 ms (measured with gc.callbacks),
 # the largest single delay a ticket met on its way to an agent. Frozen, they are never scanned
 # (refcounting still frees them); a full collection then takes a few milliseconds.
+# Frozen twice: the imports before the container starts, then what starting it and the first
+# requests built. Frozen only once, after 5 s, each process still made one or two full
+# collections of 50-90 ms in its first seconds, and the freeze's own collection cost as much,
+# in all three processes at the same moment: under load just after a start (a deploy, a
+# restart), a stall every ticket in flight met.
 GC_FREEZE_AFTER_SECONDS = 5.0
 
 
