@@ -21,7 +21,7 @@ from nameko.constants import (
 )
 from nameko.containers import ContainerBeingKilled
 from nameko.exceptions import MalformedRequest, UnserializableValueError, serialize
-from nameko.extensions import SharedExtension
+from nameko.extensions import DependencyProvider, SharedExtension
 from nameko.messaging import QueueConsumer
 from nameko.rpc import Rpc as _NamekoRpc, RpcConsumer as _NamekoRpcConsumer, get_rpc_exchange
 
@@ -88,6 +88,10 @@ class PriorityLane(SharedExtension):
       is pending it waits: it starts after the priority calls read so far, even those read
       after it. Calls already running go on (nothing pre-empts them).
 
+    * plain calls admitted before a priority call was read, whose workers have not started yet
+      (each waits for the CPU behind the others, a few milliseconds each), wait for it too at
+      their start: the service declares ``PriorityFirst``, which holds them there.
+
     A plain call waits for a pending priority call ``MAX_WAIT_SECONDS`` at most, so a stream of
     priority calls cannot starve the others. A service without priority methods is unchanged."""
 
@@ -102,6 +106,8 @@ class PriorityLane(SharedExtension):
         self._counted = set()  # id() of the deliveries counted and not handed to their worker yet
         self._enabled = None
         self._stopping = False
+        self._released = Event()  # sent (and replaced) when plain workers held at their start may go
+        self._holding = 0
 
     def enabled(self) -> bool:
         """Whether this container has a priority method (asked once the entrypoints exist)."""
@@ -139,6 +145,21 @@ class PriorityLane(SharedExtension):
         while self._turns and self.plain_running < self.plain_slots() and not self._held_back():
             self.plain_running += 1
             self._turns.popleft().send(True)
+        if self._holding and not self._held_back():
+            released, self._released = self._released, Event()
+            released.send()
+
+    def wait_behind_priority(self) -> None:
+        """A plain call's worker about to run its method (see ``PriorityFirst``): while a
+        priority call is pending, it waits too, at most until ``MAX_WAIT_SECONDS`` after the
+        first of them was read."""
+        while self._held_back():
+            self._holding += 1
+            try:
+                with eventlet.Timeout(self._pending_since + self.MAX_WAIT_SECONDS - time.monotonic(), False):
+                    self._released.wait()
+            finally:
+                self._holding -= 1
 
     def admit_plain(self) -> bool:
         """Before a plain call takes a worker: wait for a plain slot, and while a priority call
@@ -223,6 +244,22 @@ class RpcConsumer(_NamekoRpcConsumer):
         return result, exc_info
 
 
+class PriorityFirst(DependencyProvider):
+    """Declared by a service with ``@rpc(priority=True)`` methods (``priority_first =
+    PriorityFirst()``): before a plain call's worker runs its method, it waits while a priority
+    call is pending (``PriorityLane.wait_behind_priority``). Without it, the plain calls already
+    admitted when a priority call is read (their workers scheduled, not started) all run before
+    it: at 10 creators in tickets, up to eight creates, 17 ms at the median and 58 ms at the 99th
+    percentile between an assignment batch being read and its worker starting."""
+
+    lane = PriorityLane()
+
+    def worker_setup(self, worker_ctx):
+        entrypoint = worker_ctx.entrypoint
+        if isinstance(entrypoint, Rpc) and not entrypoint.priority and self.lane.enabled():
+            self.lane.wait_behind_priority()
+
+
 class Rpc(_NamekoRpc):
     rpc_consumer = RpcConsumer()
     lane = PriorityLane()
@@ -230,6 +267,12 @@ class Rpc(_NamekoRpc):
     def __init__(self, *args, priority: bool = False, **kwargs):
         self.priority = priority
         super().__init__(*args, **kwargs)
+
+    def setup(self):
+        super().setup()
+        if self.priority and not any(isinstance(d, PriorityFirst) for d in self.container.dependencies):
+            raise TypeError(f"{self.container.service_name}.{self.method_name} is a priority method: "
+                            "the service must declare a PriorityFirst() dependency")
 
     def stop(self):
         self.lane.stop_admitting()

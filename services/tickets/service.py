@@ -9,7 +9,7 @@ import logging
 from contracts.errors import UNAVAILABLE, HelpdeskError, ValidationError, error_payload
 from servicekit.context import RequestContext
 from servicekit.inputs import actor as _actor, expected_version as _version, load as _load
-from servicekit.entrypoints import rpc
+from servicekit.entrypoints import PriorityFirst, rpc
 from servicekit.db import Database
 from servicekit.events import handles_event_once
 from servicekit.metrics import EntrypointMetrics
@@ -67,6 +67,7 @@ class TicketsService(ServiceProbes):
     metrics = EntrypointMetrics()
     request_id = RequestContext()
     self_rpc = RpcProxy(contract.SERVICE, delivery_mode=NON_PERSISTENT)
+    priority_first = PriorityFirst()  # assign_tickets before the creates read ahead of it
 
     @rpc
     def create_ticket(self, actor, data, idempotency_key=None):

@@ -9,7 +9,7 @@ import eventlet
 import pytest
 from nameko.exceptions import IncorrectSignature
 
-from servicekit.entrypoints import PriorityLane, rpc
+from servicekit.entrypoints import PriorityFirst, PriorityLane, rpc
 from tests.integration.conftest import ServiceHarness, harness_factory, wait_for
 
 pytestmark = pytest.mark.integration
@@ -20,6 +20,7 @@ release_blocker = eventlet.event.Event()
 
 class LaneProbeService:
     name = "laneprobe"
+    priority_first = PriorityFirst()
 
     @rpc
     def plain(self, name, block=False):
