@@ -202,9 +202,13 @@ def mark_claimed(session: Session, claims, now: datetime) -> None:
                                      "b_now": now} for ticket_id, agent_id, decision_id in claims])
 
 
+# built once: building the statement (its cache key) cost more than the INSERT of one row
+_INSERT_DECISIONS = _DECISIONS.insert()
+
+
 def insert_decisions(session: Session, rows: list) -> None:
     if rows:
-        session.execute(insert(_DECISIONS), rows)
+        session.execute(_INSERT_DECISIONS, rows)
 
 
 def confirm_decisions(session: Session, decision_ids) -> set:
@@ -486,6 +490,14 @@ def is_mirrored(session: Session, ticket_id: str) -> bool:
     return session.execute(_MIRRORED, {"b_id": ticket_id}).first() is not None
 
 
+def mirrored_ids(session: Session, ticket_ids) -> set:
+    """The same check for a batch of tickets: the ones routing mirrors already."""
+    ids = list(ticket_ids)
+    if not ids:
+        return set()
+    return set(session.scalars(select(RoutedTicket.ticket_id).where(RoutedTicket.ticket_id.in_(ids))))
+
+
 # ticket id -> a version this process saw committed to the mirror (the database holds it or a
 # newer one: a mirrored version never goes down), or one the mirror is sure to hold (see
 # remember_answered_version), so the events echoing routing's own assignments are recognised as
@@ -543,7 +555,8 @@ def mirrored_versions(session: Session, ticket_ids) -> dict:
 
 
 def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = None, flush: bool = True,
-                   resync: bool = False, created: bool = False) -> tuple[RoutedTicket, domain.MirrorChange | None]:
+                   resync: bool = False, created: bool = False,
+                   mirrored: bool | None = None) -> tuple[RoutedTicket, domain.MirrorChange | None]:
     """Mirror a ticket snapshot (an event's or an RPC answer's) if it is newer than what we hold.
     ``row``: the ticket's row when the caller already holds it locked; ``flush=False``: the
     caller writes many rows and lets the commit flush them together; ``resync``: apply the
@@ -551,11 +564,14 @@ def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = 
     ``created``: a ticket_created's snapshot, nearly always new to routing: looked up with an
     existence check first (the row is loaded only when there is one), and a new row is not
     added to the session: the caller writes it with ``insert_routed`` once it is done changing
-    it (one INSERT, without the unit of work).
+    it (one INSERT, without the unit of work); ``mirrored``: that check's answer, if the caller
+    made it for many tickets at once (``mirrored_ids``).
 
     Returns the row and what the change means for routing (None: stale or duplicate snapshot).
     """
-    if row is None and not (created and not is_mirrored(session, snapshot["id"])):
+    if created and mirrored is None:
+        mirrored = is_mirrored(session, snapshot["id"])
+    if row is None and not (created and not mirrored):
         row = get_routed(session, snapshot["id"], for_update=True)
     now = now_utc()
     if row is not None and (snapshot["version"] < row.ticket_version

@@ -254,17 +254,17 @@ class Router:
         with session.no_autoflush:  # a new row is written once, at the commit, with the rules' outcome
             return ops.enabled_rules(session)
 
-    def triage_in(self, session, row, active_rules=None) -> dict | None:
+    def triage_in(self, session, row, active_rules=None, decisions=None) -> dict | None:
         """Run the rules inside the transaction that first saw the ticket (the usual path: one
         transaction less per ticket). None: a rule reads the description, which events do not
         carry, so ``triage`` must fetch it after the commit. ``active_rules``: from
-        ``triage_rules``, if the caller read them already."""
+        ``triage_rules``, if the caller read them already; ``decisions``: see ``_apply_triage``."""
         if active_rules is None:
             active_rules = self.triage_rules(session)
         if active_rules and rules.uses_description(active_rules):
             return None
         outcome = rules.evaluate(active_rules, _rule_input(row)) if active_rules else None
-        return self._apply_triage(session, row, outcome)
+        return self._apply_triage(session, row, outcome, decisions)
 
     def triage(self, ticket_id: str) -> None:
         """Run the rules on a ticket seen for the first time, then queue and route it."""
@@ -288,10 +288,12 @@ class Router:
             triaged = self._apply_triage(session, row, outcome)
         self.after_triage(ticket_id, triaged)
 
-    def _apply_triage(self, session, row, outcome) -> dict:
+    def _apply_triage(self, session, row, outcome, decisions=None) -> dict:
         """The rules' outcome on the row (tier, skills, category, priority), queued; what the
         tickets service must be told waits on the row (``pending_changes``) until it is delivered
-        with the assignment, or on its own if the ticket has to wait."""
+        with the assignment, or on its own if the ticket has to wait. ``decisions``: a list the
+        "triaged" decision row goes to (the caller inserts many together), instead of being
+        inserted here."""
         ticket_changes, escalated_from = {}, None
         if outcome is not None and outcome.matched_rule_ids:
             if outcome.tier and outcome.tier != row.tier:
@@ -304,8 +306,12 @@ class Router:
             if outcome.priority and outcome.priority != row.priority:
                 ticket_changes["priority"] = row.priority = outcome.priority
             detail = "rules matched: " + ", ".join(outcome.matched_rule_ids)
-            ops.insert_decisions(session, [ops.decision_values(row.ticket_id, row.tier, row.required_skills, "created",
-                                                               "triaged", detail=detail)])
+            decision = ops.decision_values(row.ticket_id, row.tier, row.required_skills, "created", "triaged",
+                                           detail=detail)
+            if decisions is None:
+                ops.insert_decisions(session, [decision])
+            else:
+                decisions.append(decision)
             if escalated_from:  # a rule's starting tier above L1 is an escalation by rule
                 add_event(session, contract.SERVICE, contract.TICKET_ESCALATED, {"ticket_id": row.ticket_id}, {
                     "ticket_id": row.ticket_id, "from_tier": escalated_from, "to_tier": row.tier,

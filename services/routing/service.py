@@ -252,15 +252,17 @@ class RoutingService(ServiceProbes):
 
     # --- events from tickets: one handler per type, each mirrors the snapshot ----------------
 
-    def _mirror(self, session, envelope, created: bool = False, rules=None, new_rows=None):
-        """``created``: see ``ops.apply_snapshot``; a new row goes to ``new_rows`` (the caller
-        INSERTs them together) or is written here. ``rules``: the enabled rules, if the caller
-        read them already."""
+    def _mirror(self, session, envelope, created: bool = False, rules=None, new_rows=None, mirrored=None,
+                decisions=None):
+        """``created``, ``mirrored``: see ``ops.apply_snapshot``; a new row goes to ``new_rows``
+        and a triage decision to ``decisions`` (the caller INSERTs them together), or they are
+        written here. ``rules``: the enabled rules, if the caller read them already."""
         # not flushed here: the rules change a new row before it is written (one INSERT)
-        row, change = ops.apply_snapshot(session, envelope["payload"]["ticket"], flush=False, created=created)
+        row, change = ops.apply_snapshot(session, envelope["payload"]["ticket"], flush=False, created=created,
+                                         mirrored=mirrored)
         after = AfterCommit(self.router.follow_up, row.ticket_id, change)
         if change is not None and change.state == domain.TRIAGE:
-            triaged = self.router.triage_in(session, row, rules)
+            triaged = self.router.triage_in(session, row, rules, decisions)
             if triaged is not None:
                 after = AfterCommit(self.router.after_triage, row.ticket_id, triaged)
         if created and ops.is_unsaved(row):
@@ -276,10 +278,15 @@ class RoutingService(ServiceProbes):
     @handles_events_in_batches(tickets_contract.SERVICE, tickets_contract.TICKET_CREATED,
                                known_stale=_snapshot_known_stale, payload_schema=tickets_contract.TicketCreatedPayload)
     def on_ticket_created(self, session, envelopes):
-        rules, new_rows = self.router.triage_rules(session), []  # the rules read once per batch
-        after = [self._mirror(session, envelope, created=True, rules=rules, new_rows=new_rows)
+        # read once per batch: the rules, and which of the tickets routing mirrors already
+        rules, new_rows, decisions = self.router.triage_rules(session), [], []
+        with session.no_autoflush:
+            mirrored = ops.mirrored_ids(session, {envelope["payload"]["ticket"]["id"] for envelope in envelopes})
+        after = [self._mirror(session, envelope, created=True, rules=rules, new_rows=new_rows,
+                              mirrored=envelope["payload"]["ticket"]["id"] in mirrored, decisions=decisions)
                  for envelope in _in_ticket_order(envelopes)]
         ops.insert_routed(session, new_rows)
+        ops.insert_decisions(session, decisions)
         return after
 
     # the other ticket events in batches too: most of them echo routing's own assignments
