@@ -60,18 +60,29 @@ _COUNT_PENDING = select(func.count()).select_from(OUTBOX).where(OUTBOX.c.publish
 def add_event(session: Session, source: str, event_type: str, subject_ids: dict, payload: dict,
               occurred_at: datetime | None = None) -> dict:
     """Record an event in the caller's transaction; it is published after commit."""
-    envelope = make_envelope(source, event_type, subject_ids, payload, occurred_at=occurred_at)
-    session.execute(_INSERT_EVENT, {
+    return add_events(session, source, event_type, [(subject_ids, payload)], occurred_at)[0]
+
+
+def add_events(session: Session, source: str, event_type: str, events: list,
+               occurred_at: datetime | None = None) -> list:
+    """Record many events of one type, ``(subject_ids, payload)`` pairs, with one INSERT (a
+    batch of assignments announces one per ticket); returns their envelopes, in order."""
+    envelopes = [make_envelope(source, event_type, subject_ids, payload, occurred_at=occurred_at)
+                 for subject_ids, payload in events]
+    if not envelopes:
+        return []
+    request_id, created_at = current_request_id(), datetime.now(timezone.utc)
+    session.execute(_INSERT_EVENT, [{
         "event_id": envelope["event_id"],
         "source": source,
         "event_type": event_type,
         "envelope": envelope,
-        "request_id": current_request_id(),
-        "created_at": datetime.now(timezone.utc),
+        "request_id": request_id,
+        "created_at": created_at,
         "attempts": 0,
-    })
+    } for envelope in envelopes])
     session.info["outbox_dirty"] = True
-    return envelope
+    return envelopes
 
 
 CONFIRM_TIMEOUT_SECONDS = 10.0

@@ -39,7 +39,7 @@ from sqlalchemy.exc import OperationalError
 from contracts import routing as contract
 from contracts.errors import Conflict, HelpdeskError, ValidationError, error_from_payload
 from servicekit.config import env
-from servicekit.outbox import add_event
+from servicekit.outbox import add_event, add_events
 from services.routing import domain, metrics, operations as ops, rules
 from services.routing.models import Agent, Decision, RoutedTicket
 
@@ -551,7 +551,7 @@ class Router:
         decision row), with the tickets service's answer mirrored and ``ticket_routed``."""
         if not delivered:
             return
-        confirmed, versions, overtaken, mirrored = [], {}, [], []
+        confirmed, versions, overtaken, mirrored, routed = [], {}, [], [], []
         with self.uow.transaction() as session:
             rows = ops.lock_tickets(session, [claim.ticket_id for claim, _ in delivered])
             # once per claim: a re-delivery by the sweeper, or a release meanwhile, confirms nothing
@@ -576,11 +576,12 @@ class Router:
                         row.pending_changes = None
                 ops.apply_snapshot(session, view, row, flush=False)
                 waited = max(0.0, (ops.now_utc() - claim.ticket_created_at).total_seconds())
-                add_event(session, contract.SERVICE, contract.TICKET_ROUTED, {"ticket_id": claim.ticket_id}, {
+                routed.append(({"ticket_id": claim.ticket_id}, {
                     "ticket_id": claim.ticket_id, "agent_id": claim.agent_id, "tier": claim.tier,
-                    "trigger": claim.trigger, "decision_id": claim.decision_id, "waited_seconds": round(waited, 3)})
+                    "trigger": claim.trigger, "decision_id": claim.decision_id, "waited_seconds": round(waited, 3)}))
                 confirmed.append((claim, waited))
                 versions[claim.ticket_id] = row.ticket_version
+            add_events(session, contract.SERVICE, contract.TICKET_ROUTED, routed)
         for ticket_id, version in versions.items():
             ops.remember_committed_version(ticket_id, version)
         for claim, waited in confirmed:
@@ -695,10 +696,12 @@ class Router:
 
     @staticmethod
     def _wait_for_deliveries(deliveries: "_Deliveries", next_wake) -> str | None:
-        """Until every delivery is confirmed (None), or a wake's trigger if one comes first
-        while at most WAKE_WHEN_IN_FLIGHT batches are still under way: claiming more while the
-        tickets service works through a queue of batches would only make it longer, and one
-        round per wake would make each round small (it reads the agents and the queue)."""
+        """Until every delivery is confirmed, or a wake's trigger if one comes first while at
+        most WAKE_WHEN_IN_FLIGHT batches are still under way: claiming more while the tickets
+        service works through a queue of batches would only make it longer, and one round per
+        wake would make each round small (it reads the agents and the queue). Once they are
+        all confirmed: the trigger of a wake that came meanwhile (the round goes on rather than
+        end and have the dispatcher start the next one for it), or None."""
         while deliveries.busy():
             if deliveries.in_flight() <= WAKE_WHEN_IN_FLIGHT:
                 woken = next_wake(WAKE_POLL_SECONDS)
@@ -707,7 +710,7 @@ class Router:
             else:
                 eventlet.sleep(WAKE_POLL_SECONDS)
             eventlet.sleep(0)  # the deliveries run even if next_wake answered without waiting
-        return None
+        return next_wake(0)
 
     def _drain_round(self, tiers, trigger: str, deliveries: "_Deliveries") -> bool:
         """One read, one plan, its claims handed to ``deliveries``. True when it claimed
