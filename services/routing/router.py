@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import eventlet
+from eventlet.event import Event
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
@@ -141,6 +142,7 @@ class _Deliveries:
         self._ready = []
         self._confirming = False
         self._answered = 0  # delivery threads past their call (confirming, or waiting to)
+        self._answer = Event()  # sent (and replaced) each time a batch is answered
         self.delivered = self.released = 0
 
     def submit(self, claims) -> None:
@@ -158,6 +160,8 @@ class _Deliveries:
             log.warning("delivery of %d claims failed: %r", len(claims), exc)
             return
         self._answered += 1
+        answered, self._answer = self._answer, Event()
+        answered.send()
         try:
             self._take_answers(claims, answers)
         finally:
@@ -206,6 +210,11 @@ class _Deliveries:
     def in_flight(self) -> int:
         """Batches not answered yet (a batch being confirmed no longer counts)."""
         return self._pool.running() - self._answered
+
+    def wait_for_answer(self, timeout: float) -> None:
+        """Until the next batch is answered, or ``timeout``."""
+        with eventlet.Timeout(timeout, False):
+            self._answer.wait()
 
     def wait(self) -> tuple:
         """Once every submitted claim is delivered and confirmed: (delivered, released)."""
@@ -707,8 +716,8 @@ class Router:
                 woken = next_wake(WAKE_POLL_SECONDS)
                 if woken is not None:
                     return woken
-            else:
-                eventlet.sleep(WAKE_POLL_SECONDS)
+            else:  # woken by the answer that brings it down to WAKE_WHEN_IN_FLIGHT, not a poll later
+                deliveries.wait_for_answer(WAKE_POLL_SECONDS)
             eventlet.sleep(0)  # the deliveries run even if next_wake answered without waiting
         return next_wake(0)
 
