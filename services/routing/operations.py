@@ -161,6 +161,57 @@ def lock_tickets(session: Session, ticket_ids) -> dict:
 
 
 _TICKETS, _AGENTS, _DECISIONS = RoutedTicket.__table__, Agent.__table__, Decision.__table__
+
+
+def lock_claim_states(session: Session, ticket_ids) -> dict:
+    """Lock these tickets as ``lock_tickets`` does, reading only what a confirmation checks:
+    {ticket_id: (state, claim_decision_id, assignee_id, status, ticket_version)}."""
+    ids = sorted(set(ticket_ids))
+    if not ids:
+        return {}
+    _sqlite_write_lock(session, ids[0])
+    return {ticket_id: tuple(rest) for ticket_id, *rest in session.execute(
+        select(_TICKETS.c.ticket_id, _TICKETS.c.state, _TICKETS.c.claim_decision_id, _TICKETS.c.assignee_id,
+               _TICKETS.c.status, _TICKETS.c.ticket_version)
+        .where(_TICKETS.c.ticket_id.in_(ids)).order_by(_TICKETS.c.ticket_id).with_for_update())}
+
+
+def confirms_plainly(state: tuple, claim_decision_id: str, view: dict) -> bool:
+    """Whether the tickets service's answer to a won claim is the plain outcome: the ticket is
+    still being claimed by that decision, the answer is newer than the mirror, names the claimed
+    agent, and the ticket stays active. ``apply_snapshot`` would then only copy the snapshot's
+    fields and end the claim (no load moves, nothing to route): ``confirm_plainly`` does that
+    without loading the row."""
+    row_state, row_decision, row_assignee, row_status, row_version = state
+    return (row_state == domain.ASSIGNING and row_decision == claim_decision_id
+            and type(view.get("version")) is int and view["version"] > row_version
+            and view.get("assignee_id") == row_assignee and row_assignee is not None
+            and domain.counts_against_capacity(row_status or "")
+            and domain.counts_against_capacity(view.get("status") or ""))
+
+
+_CONFIRM_PLAIN = (update(_TICKETS).where(_TICKETS.c.ticket_id == bindparam("b_ticket_id"))
+                  .values(state=domain.ASSIGNED, queued_at=None, queue_trigger=None,
+                          number=bindparam("b_number"), subject=bindparam("b_subject"),
+                          priority=bindparam("b_priority"), category=bindparam("b_category"),
+                          channel=bindparam("b_channel"), organization_id=bindparam("b_organization_id"),
+                          tags=bindparam("b_tags"), ticket_version=bindparam("b_version"),
+                          status=bindparam("b_status"), updated_at=bindparam("b_now")))
+_CONFIRM_PLAIN_CLEARING = _CONFIRM_PLAIN.values(pending_changes=None)
+
+
+def confirm_plainly(session: Session, confirmed: list) -> None:
+    """``(ticket_id, view, clears_pending_changes)`` of claims that passed ``confirms_plainly``:
+    each ticket takes its answer's snapshot and is assigned, in one statement per kind."""
+    now = now_utc()
+    for clearing, statement in ((False, _CONFIRM_PLAIN), (True, _CONFIRM_PLAIN_CLEARING)):
+        rows = [{"b_ticket_id": ticket_id, "b_number": view["number"], "b_subject": view["subject"],
+                 "b_priority": view["priority"], "b_category": view.get("category"), "b_channel": view["channel"],
+                 "b_organization_id": view.get("organization_id"), "b_tags": list(view.get("tags") or []),
+                 "b_version": view["version"], "b_status": view["status"], "b_now": now}
+                for ticket_id, view, clears in confirmed if clears is clearing]
+        if rows:
+            session.execute(statement, rows)
 _MARK_CLAIMED = (update(_TICKETS).where(_TICKETS.c.ticket_id == bindparam("b_ticket_id"))
                  .values(state=domain.ASSIGNING, assignee_id=bindparam("b_agent_id"),
                          claim_decision_id=bindparam("b_decision_id"), claimed_at=bindparam("b_now"),

@@ -560,36 +560,44 @@ class Router:
         decision row), with the tickets service's answer mirrored and ``ticket_routed``."""
         if not delivered:
             return
-        confirmed, versions, overtaken, mirrored, routed = [], {}, [], [], []
+        confirmed, versions, overtaken, mirrored, routed, plain = [], {}, [], [], [], []
         with self.uow.transaction() as session:
-            rows = ops.lock_tickets(session, [claim.ticket_id for claim, _ in delivered])
+            states = ops.lock_claim_states(session, [claim.ticket_id for claim, _ in delivered])
             # once per claim: a re-delivery by the sweeper, or a release meanwhile, confirms nothing
             won = ops.confirm_decisions(session, [claim.decision_id for claim, _ in delivered])
             for claim, view in sorted(delivered, key=lambda d: d[0].ticket_id):
-                row = rows.get(claim.ticket_id)
-                if row is None:
+                state = states.get(claim.ticket_id)
+                if state is None:
                     continue
-                if claim.decision_id not in won:
+                # the usual answer: written with one statement for all of them, no row loaded
+                if claim.decision_id in won and ops.confirms_plainly(state, claim.decision_id, view):
+                    plain.append((claim.ticket_id, view, bool(claim.changes)))
+                    row = None
+                else:
+                    row = ops.get_routed(session, claim.ticket_id)
+                if row is not None and claim.decision_id not in won:
                     # the answer is still the ticket as it is: mirrored as an event would be (its
                     # events may have been acked from memory on this answer's version)
                     _row, change = ops.apply_snapshot(session, view, row, flush=False)
                     mirrored.append((claim.ticket_id, change))
                     versions[claim.ticket_id] = row.ticket_version
                     continue
-                if row.ticket_version > view["version"]:
-                    overtaken.append(claim.ticket_id)
-                if row.claim_decision_id == claim.decision_id and row.state == domain.ASSIGNING:
-                    row.state = domain.IDLE if row.status in domain.FINISHED_STATUSES else domain.ASSIGNED
-                    row.queued_at = row.queue_trigger = None
-                    if claim.changes:
-                        row.pending_changes = None
-                ops.apply_snapshot(session, view, row, flush=False)
+                if row is not None:
+                    if row.ticket_version > view["version"]:
+                        overtaken.append(claim.ticket_id)
+                    if row.claim_decision_id == claim.decision_id and row.state == domain.ASSIGNING:
+                        row.state = domain.IDLE if row.status in domain.FINISHED_STATUSES else domain.ASSIGNED
+                        row.queued_at = row.queue_trigger = None
+                        if claim.changes:
+                            row.pending_changes = None
+                    ops.apply_snapshot(session, view, row, flush=False)
                 waited = max(0.0, (ops.now_utc() - claim.ticket_created_at).total_seconds())
                 routed.append(({"ticket_id": claim.ticket_id}, {
                     "ticket_id": claim.ticket_id, "agent_id": claim.agent_id, "tier": claim.tier,
                     "trigger": claim.trigger, "decision_id": claim.decision_id, "waited_seconds": round(waited, 3)}))
                 confirmed.append((claim, waited))
-                versions[claim.ticket_id] = row.ticket_version
+                versions[claim.ticket_id] = row.ticket_version if row is not None else view["version"]
+            ops.confirm_plainly(session, plain)
             add_events(session, contract.SERVICE, contract.TICKET_ROUTED, routed)
         for ticket_id, version in versions.items():
             ops.remember_committed_version(ticket_id, version)

@@ -356,6 +356,72 @@ def test_an_unanswered_delivery_stays_assigning_until_the_sweeper_delivers_it_ag
     assert routing.load("ann") == 1
 
 
+def _claim_of(routing, ticket_id) -> router_module.Claim:
+    with routing.uow.read() as session:
+        row = session.get(RoutedTicket, ticket_id)
+        return router_module.Claim(row.ticket_id, row.assignee_id, row.claim_decision_id, row.tier, "created",
+                                   row.ticket_created_at, row.pending_changes)
+
+
+def _mirror_columns(routing, ticket_id) -> dict:
+    with routing.uow.read() as session:
+        row = session.get(RoutedTicket, ticket_id)
+        return {column: getattr(row, column) for column in (
+            "state", "tier", "assignee_id", "status", "priority", "category", "channel", "organization_id", "tags",
+            "required_skills", "ticket_version", "queued_at", "queue_trigger", "pending_changes")}
+
+
+def test_a_plain_confirmation_writes_the_mirror_as_apply_snapshot_would(routing_uow, tickets, monkeypatch):
+    proxy = SilentProxy(tickets)
+    routing = Routing(routing_uow, tickets, port=TicketsPort(proxy, timeout=0.05))
+    routing.agent("ann", skills=("network",), capacity=10)
+    _rule(routing, set_category="network", require_skills=["network"])  # the claims carry the rules' changes
+    by_orm, plainly = tickets.create(), tickets.create()
+    proxy.lose_replies("assign_tickets", 2)
+    for ticket in (by_orm, plainly):  # each claimed and delivered; the answers are lost
+        routing.feed(copy.deepcopy(ticket))
+    assert [routing.state(t["id"]) for t in (by_orm, plainly)] == ["assigning", "assigning"]
+    answers = {t["id"]: copy.deepcopy(tickets.tickets[t["id"]]) for t in (by_orm, plainly)}
+    assert {a["category"] for a in answers.values()} == {"network"} and {a["version"] for a in answers.values()} == {2}
+    for answer in answers.values():  # every field the mirror copies differs from what it holds
+        answer.update(status="open", priority="high", subject="VPN down again", channel="email", tags=["vip"],
+                      organization_id="globex", category="vpn")
+    written = []
+    real_confirms_plainly, real_confirm_plainly = ops.confirms_plainly, ops.confirm_plainly
+    monkeypatch.setattr(ops, "confirm_plainly", lambda session, plain: (written.extend(plain),
+                                                                         real_confirm_plainly(session, plain)))
+
+    monkeypatch.setattr(ops, "confirms_plainly", lambda *args: False)
+    routing.router._confirm_all([(_claim_of(routing, by_orm["id"]), answers[by_orm["id"]])])
+    monkeypatch.setattr(ops, "confirms_plainly", real_confirms_plainly)
+    routing.router._confirm_all([(_claim_of(routing, plainly["id"]), answers[plainly["id"]])])
+
+    assert [ticket_id for ticket_id, _view, _clears in written] == [plainly["id"]]
+    assert _mirror_columns(routing, plainly["id"]) == _mirror_columns(routing, by_orm["id"])
+    assert _mirror_columns(routing, plainly["id"]) | {"required_skills": None} == {
+        "state": "assigned", "tier": "L1", "assignee_id": "ann", "status": "open", "priority": "high",
+        "category": "vpn", "channel": "email", "organization_id": "globex", "tags": ["vip"], "required_skills": None,
+        "ticket_version": 2, "queued_at": None, "queue_trigger": None, "pending_changes": None}
+    assert routing.load("ann") == 2
+    assert [len(routing.events(contract.TICKET_ROUTED, t["id"])) for t in (by_orm, plainly)] == [1, 1]
+
+
+@pytest.mark.parametrize("answer, plain", [
+    ({}, True),
+    ({"assignee_id": "bob"}, False),  # someone else's meanwhile
+    ({"status": "pending"}, False),  # the slot goes back
+    ({"status": "solved"}, False),
+    ({"version": 1}, False),  # not newer than the mirror
+    ({"version": "2"}, False),
+])
+def test_only_the_plain_outcome_of_a_claim_is_confirmed_without_loading_the_row(answer, plain):
+    state = ("assigning", "decision-1", "ann", "new", 1)
+    view = {"version": 2, "assignee_id": "ann", "status": "open", **answer}
+    assert ops.confirms_plainly(state, "decision-1", view) is plain
+    assert ops.confirms_plainly(("assigned",) + state[1:], "decision-1", view) is False
+    assert ops.confirms_plainly(state, "decision-2", view) is False
+
+
 def test_a_stale_claim_the_tickets_service_now_refuses_is_released_by_the_sweeper(routing_uow, tickets):
     routing = Routing(routing_uow, tickets, RoutingSettings(retry_after_seconds=0))
     routing.agent("ann")
