@@ -152,11 +152,15 @@ class PriorityLane(SharedExtension):
     def wait_behind_priority(self) -> None:
         """A plain call's worker about to run its method (see ``PriorityFirst``): while a
         priority call is pending, it waits too, at most until ``MAX_WAIT_SECONDS`` after the
-        first of them was read."""
-        while self._held_back():
+        first of those pending when it began to wait: a priority call read after another was
+        answered (routing sends batch after batch) may hold it again, never past that."""
+        if not self._held_back():
+            return
+        deadline = self._pending_since + self.MAX_WAIT_SECONDS
+        while self._held_back() and time.monotonic() < deadline:
             self._holding += 1
             try:
-                with eventlet.Timeout(self._pending_since + self.MAX_WAIT_SECONDS - time.monotonic(), False):
+                with eventlet.Timeout(deadline - time.monotonic(), False):
                     self._released.wait()
             finally:
                 self._holding -= 1
@@ -257,6 +261,7 @@ class PriorityFirst(DependencyProvider):
     def worker_setup(self, worker_ctx):
         entrypoint = worker_ctx.entrypoint
         if isinstance(entrypoint, Rpc) and not entrypoint.priority and self.lane.enabled():
+            worker_ctx.held_from = time.perf_counter()  # the call's duration counts the hold (EntrypointMetrics)
             self.lane.wait_behind_priority()
 
 

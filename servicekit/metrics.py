@@ -78,6 +78,9 @@ class EntrypointMetrics(DependencyProvider):
         started = self._started.pop(worker_ctx, None)
         if started is None:
             return
+        # a call held behind a priority call (servicekit.entrypoints.PriorityFirst) counts the
+        # hold, whichever of the two dependencies' worker_setup ran first
+        started = min(started, getattr(worker_ctx, "held_from", started))
         elapsed = time.perf_counter() - started
         entrypoint = worker_ctx.entrypoint
         name = entrypoint.method_name

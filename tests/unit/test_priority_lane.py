@@ -85,6 +85,21 @@ def test_a_plain_worker_is_held_at_most_max_wait_seconds():
     assert 0.08 <= eventlet.hubs.get_hub().clock() - began < 0.5
 
 
+def test_back_to_back_priority_calls_hold_a_plain_worker_no_longer_than_max_wait_seconds():
+    lane = _lane(max_wait=0.1)
+    lane.arrived(object())
+    began = eventlet.hubs.get_hub().clock()
+    plain = _start(_gate(lane), _worker(priority=False))
+    for _ in range(10):  # each answered, and the next one read before the held worker runs again
+        eventlet.sleep(0.05)
+        lane.done()
+        lane.arrived(object())
+        if plain.dead:
+            break
+    assert plain.dead
+    assert eventlet.hubs.get_hub().clock() - began < 0.25
+
+
 def test_workers_of_other_entrypoints_are_never_held():
     lane = _lane()
     lane.arrived(object())
