@@ -367,8 +367,9 @@ def _mirror_columns(routing, ticket_id) -> dict:
     with routing.uow.read() as session:
         row = session.get(RoutedTicket, ticket_id)
         return {column: getattr(row, column) for column in (
-            "state", "tier", "assignee_id", "status", "priority", "category", "channel", "organization_id", "tags",
-            "required_skills", "ticket_version", "queued_at", "queue_trigger", "pending_changes")}
+            "state", "tier", "assignee_id", "status", "priority", "subject", "category", "channel", "organization_id",
+            "tags", "required_skills", "ticket_version", "queued_at", "queue_trigger", "queue_noted",
+            "pending_changes")}
 
 
 def test_a_plain_confirmation_writes_the_mirror_as_apply_snapshot_would(routing_uow, tickets, monkeypatch):
@@ -398,12 +399,46 @@ def test_a_plain_confirmation_writes_the_mirror_as_apply_snapshot_would(routing_
 
     assert [ticket_id for ticket_id, _view, _clears in written] == [plainly["id"]]
     assert _mirror_columns(routing, plainly["id"]) == _mirror_columns(routing, by_orm["id"])
-    assert _mirror_columns(routing, plainly["id"]) | {"required_skills": None} == {
+    assert _mirror_columns(routing, plainly["id"]) | {"required_skills": None, "queue_noted": None} == {
         "state": "assigned", "tier": "L1", "assignee_id": "ann", "status": "open", "priority": "high",
-        "category": "vpn", "channel": "email", "organization_id": "globex", "tags": ["vip"], "required_skills": None,
-        "ticket_version": 2, "queued_at": None, "queue_trigger": None, "pending_changes": None}
+        "subject": "VPN down again", "category": "vpn", "channel": "email", "organization_id": "globex",
+        "tags": ["vip"], "required_skills": None, "ticket_version": 2, "queued_at": None, "queue_trigger": None,
+        "queue_noted": None, "pending_changes": None}
+    with routing.uow.read() as session:  # the number is each ticket's own
+        assert [session.get(RoutedTicket, t["id"]).number for t in (by_orm, plainly)] == [
+            answers[t["id"]]["number"] for t in (by_orm, plainly)]
     assert routing.load("ann") == 2
     assert [len(routing.events(contract.TICKET_ROUTED, t["id"])) for t in (by_orm, plainly)] == [1, 1]
+
+
+def test_a_round_takes_a_wake_that_came_while_its_last_deliveries_were_confirmed():
+    deliveries = SimpleNamespace(busy=lambda: False, in_flight=lambda: 0)
+    asked = []
+
+    def next_wake(timeout):
+        asked.append(timeout)
+        return "created"
+
+    assert Router._wait_for_deliveries(deliveries, next_wake) == "created"
+    assert asked == [0]
+
+
+def test_a_dispatcher_waiting_on_its_deliveries_hears_of_an_answer_at_once():
+    answered = eventlet.event.Event()
+    stub = SimpleNamespace(_send_assignments=lambda claims, with_changes: None,
+                           _deliver_batch=lambda claims, sent: (answered.wait(), [None] * len(claims))[1])
+    deliveries = router_module._Deliveries(stub, 4)
+    deliveries.submit([object()])
+    eventlet.sleep(0)
+    assert deliveries.in_flight() == 1
+    waiter = eventlet.spawn(deliveries.wait_for_answer, 5.0)
+    eventlet.sleep(0.01)
+    assert not waiter.dead
+    began = eventlet.hubs.get_hub().clock()
+    answered.send()
+    waiter.wait()
+    assert eventlet.hubs.get_hub().clock() - began < 0.05
+    assert deliveries.wait() == (0, 0)
 
 
 @pytest.mark.parametrize("answer, plain", [
