@@ -148,23 +148,12 @@ def _sqlite_write_lock(session: Session, ticket_id: str) -> None:
                         .values(updated_at=RoutedTicket.updated_at))
 
 
-def lock_tickets(session: Session, ticket_ids) -> dict:
-    """Lock these tickets' rows in id order (PostgreSQL: two batches never wait on each other
-    in a cycle) or take SQLite's write lock, then load them: {ticket_id: RoutedTicket}."""
-    ids = sorted(set(ticket_ids))
-    if not ids:
-        return {}
-    _sqlite_write_lock(session, ids[0])
-    rows = session.scalars(select(RoutedTicket).where(RoutedTicket.ticket_id.in_(ids))
-                           .order_by(RoutedTicket.ticket_id).with_for_update())
-    return {row.ticket_id: row for row in rows}
-
-
 _TICKETS, _AGENTS, _DECISIONS = RoutedTicket.__table__, Agent.__table__, Decision.__table__
 
 
 def lock_claim_states(session: Session, ticket_ids) -> dict:
-    """Lock these tickets as ``lock_tickets`` does, reading only what a confirmation checks:
+    """Lock these tickets' rows in id order (PostgreSQL: two batches never wait on each other
+    in a cycle) or take SQLite's write lock, reading only what a confirmation checks:
     {ticket_id: (state, claim_decision_id, assignee_id, status, ticket_version)}."""
     ids = sorted(set(ticket_ids))
     if not ids:
@@ -212,6 +201,8 @@ def confirm_plainly(session: Session, confirmed: list) -> None:
                 for ticket_id, view, clears in confirmed if clears is clearing]
         if rows:
             session.execute(statement, rows)
+
+
 _MARK_CLAIMED = (update(_TICKETS).where(_TICKETS.c.ticket_id == bindparam("b_ticket_id"))
                  .values(state=domain.ASSIGNING, assignee_id=bindparam("b_agent_id"),
                          claim_decision_id=bindparam("b_decision_id"), claimed_at=bindparam("b_now"),
