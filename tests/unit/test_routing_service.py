@@ -59,6 +59,36 @@ class FakeTickets:
         self.calls.append(("add_comment", ticket_id, data))
 
 
+class _Proxied:
+    """``proxy.method(*args)`` and ``proxy.method.call_async(*args).result()`` over the fake, as
+    nameko's RpcProxy offers them (routing sends its assignment batches with ``call_async``)."""
+
+    def __init__(self, fake):
+        self._fake = fake
+
+    def __getattr__(self, method):
+        return _Call(getattr(self._fake, method))
+
+
+class _Call:
+    def __init__(self, call):
+        self._call = call
+
+    def __call__(self, *args):
+        return self._call(*args)
+
+    def call_async(self, *args):
+        try:
+            result = self._call(*args)
+        except Exception as exc:  # raised by result(), as nameko's reply does
+            error = exc
+
+            def fail():
+                raise error
+            return SimpleNamespace(result=fail)
+        return SimpleNamespace(result=lambda: result)
+
+
 @pytest.fixture
 def tickets():
     return FakeTickets()
@@ -67,7 +97,7 @@ def tickets():
 @pytest.fixture
 def service(uow, tickets):
     policy = SimpleNamespace(settings=RoutingSettings(), rpc_timeout=1)
-    service = worker_factory(RoutingService, db=uow, tickets=tickets, policy=policy)
+    service = worker_factory(RoutingService, db=uow, tickets=_Proxied(tickets), policy=policy)
     # the dispatcher entrypoint runs at once here, instead of in its own worker soon after
     # (and no wake comes while its deliveries are under way)
     service.wake_dispatcher = _InlineWake(service)
@@ -240,6 +270,21 @@ def test_an_assignment_heard_of_before_the_ticket_itself_is_mirrored_with_its_ag
         row = session.get(RoutedTicket, ticket_id)
         assert (row.ticket_version, row.assignee_id, row.status, row.state) == (2, "ann", "open", "assigned")
     assert service.get_agent(SUPERVISOR, "ann")["active_tickets"] == 1
+
+
+def test_new_tickets_are_assigned_through_the_entrypoints_in_one_batch(service, uow, tickets):
+    service.create_agent(SUPERVISOR, {"id": "ann", "display_name": "Ann", "capacity": 5})
+    service.set_presence({"id": "ann", "role": "agent"}, "ann", "online")
+    ticket_ids = sorted(str(uuid.uuid4()) for _ in range(3))
+    handle(service.on_ticket_created, *[created_event(ticket_id) for ticket_id in ticket_ids])
+    assert sorted(call[1] for call in tickets.calls if call[0] == "assign_ticket") == ticket_ids
+    with uow.read() as session:
+        rows = [session.get(RoutedTicket, ticket_id) for ticket_id in ticket_ids]
+        assert {(row.state, row.assignee_id, row.status, row.ticket_version) for row in rows} == {
+            ("assigned", "ann", "open", 2)}
+        assert session.execute(select(func.count()).select_from(Decision)
+                               .where(Decision.outcome == "assigned")).scalar_one() == 3
+    assert service.get_agent(SUPERVISOR, "ann")["active_tickets"] == 3
 
 
 @pytest.mark.parametrize("body", [
