@@ -523,17 +523,10 @@ def get_routed(session: Session, ticket_id: str, for_update: bool = False) -> Ro
     return session.get(RoutedTicket, ticket_id, with_for_update=for_update or None)
 
 
-_MIRRORED = select(RoutedTicket.__table__.c.ticket_id).where(RoutedTicket.__table__.c.ticket_id == bindparam("b_id"))
-
-
-def is_mirrored(session: Session, ticket_id: str) -> bool:
-    """A plain existence check, much cheaper than loading the row: a ticket_created is nearly
-    always the first routing hears of its ticket."""
-    return session.execute(_MIRRORED, {"b_id": ticket_id}).first() is not None
-
-
 def mirrored_ids(session: Session, ticket_ids) -> set:
-    """The same check for a batch of tickets: the ones routing mirrors already."""
+    """The ones of these tickets routing mirrors already: a plain existence check, much cheaper
+    than loading the rows (a ticket_created is nearly always the first routing hears of its
+    ticket)."""
     ids = list(ticket_ids)
     if not ids:
         return set()
@@ -612,7 +605,7 @@ def apply_snapshot(session: Session, snapshot: dict, row: RoutedTicket | None = 
     Returns the row and what the change means for routing (None: stale or duplicate snapshot).
     """
     if created and mirrored is None:
-        mirrored = is_mirrored(session, snapshot["id"])
+        mirrored = snapshot["id"] in mirrored_ids(session, [snapshot["id"]])
     if row is None and not (created and not mirrored):
         row = get_routed(session, snapshot["id"], for_update=True)
     now = now_utc()
