@@ -326,7 +326,7 @@ def handles_events_in_batches(source_service: str, event_type: str, payload_sche
                                 len(loaded), handler_name, exc)
             for index, envelope in alone:
                 try:
-                    after.append(_handle_alone(self, db_attr, handler_name, method, [envelope]))
+                    after.append(_handle_alone(self, db_attr, handler_name, method, envelope, batch_method=True))
                 except Exception as exc:  # retried on its own, then parked
                     outcomes[index] = exc
             for work in _after_commit_work(after):
@@ -362,17 +362,16 @@ def _load_event(body, payload_loader) -> dict:
     return envelope
 
 
-def _handle_alone(service, db_attr: str, handler_name: str, method, event):
-    """One event (``event``: an envelope, or a list of one for a batch method) in its own
-    transaction, with its handled mark; None if it was handled before."""
-    envelope = event[0] if isinstance(event, list) else event
+def _handle_alone(service, db_attr: str, handler_name: str, method, envelope, batch_method: bool = False):
+    """One event in its own transaction, with its handled mark; None if it was handled before.
+    ``batch_method``: the method takes a list of envelopes (it gets a list of one)."""
     event_id = str(envelope["event_id"])
     with getattr(service, db_attr).transaction() as session:
         if not _claim(session, handler_name, event_id):
             metrics.EVENTS_DUPLICATE.labels(service.name, handler_name).inc()
             log.info("event %s already handled by %s; skipped", event_id, handler_name)
             return None
-        return method(service, session, event)
+        return method(service, session, [envelope] if batch_method else envelope)
 
 
 def _handle_together(service, db_attr: str, handler_name: str, method, envelopes: list):
