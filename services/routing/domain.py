@@ -84,12 +84,12 @@ def skills_relaxed(ticket: QueuedTicket, now: datetime, relax_after_seconds: flo
         (now - ticket.queued_at).total_seconds() >= relax_after_seconds)
 
 
-def _exclusion(agent: AgentState, ticket: QueuedTicket, relaxed: bool) -> tuple[str | None, tuple]:
+def _exclusion(agent: AgentState, required_skills: frozenset, relaxed: bool) -> tuple[str | None, tuple]:
     if agent.presence == "offline":
         return OFFLINE, ()
     if agent.presence == "away":
         return AWAY, ()
-    missing = () if relaxed else tuple(sorted(ticket.required_skills - agent.skills))
+    missing = () if relaxed else tuple(sorted(required_skills - agent.skills))
     if missing:
         return MISSING_SKILLS, missing
     if agent.load >= agent.capacity:
@@ -108,33 +108,55 @@ def choose_agent(ticket: QueuedTicket, agents, now: datetime,
     ``record=False`` skips building the per-agent explanation (the drain planner's inner loop).
     """
     relaxed = skills_relaxed(ticket, now, relax_after_seconds)
+    if record:
+        return explain_choice(ticket.tier, ticket.required_skills, relaxed, agents)
     tier, required = ticket.tier, ticket.required_skills
-    best, best_key, eligible, candidates, not_in_tier = None, None, [], [], 0
+    best, best_key, not_in_tier = None, None, 0
     for agent in agents:
         if tier not in agent.tiers:
             not_in_tier += 1
             continue
-        if not record:
-            # the hot path: the same tests as _exclusion, without building the explanation
-            if (agent.presence != "online" or agent.load >= agent.capacity
-                    or (not relaxed and not required <= agent.skills)):
-                continue
-            key = _preference(agent)
-            if best_key is None or key < best_key:
-                best, best_key = agent, key
+        # the hot path: the same tests as _exclusion, without building the explanation
+        if (agent.presence != "online" or agent.load >= agent.capacity
+                or (not relaxed and not required <= agent.skills)):
             continue
-        reason, missing = _exclusion(agent, ticket, relaxed)
+        key = _preference(agent)
+        if best_key is None or key < best_key:
+            best, best_key = agent, key
+    return Choice(best.id if best else None, (), relaxed, not_in_tier)
+
+
+def explain_choice(tier: str, required_skills: frozenset, relaxed: bool, agents) -> Choice:
+    """``choose_agent`` with its explanation, for a ticket of ``tier`` needing ``required_skills``
+    (``relaxed``: skills relaxed). Also used to explain, when it is read, a decision recorded
+    only as a step of a dispatch round's plan (see ``agents_at_step``)."""
+    eligible, candidates, not_in_tier = [], [], 0
+    for agent in agents:
+        if tier not in agent.tiers:
+            not_in_tier += 1
+            continue
+        reason, missing = _exclusion(agent, required_skills, relaxed)
         if reason is None:
             eligible.append(agent)
         else:
             candidates.append(Candidate(agent.id, reason, missing, agent.load, agent.capacity, agent.idle_since))
-    if not record:
-        return Choice(best.id if best else None, (), relaxed, not_in_tier)
     eligible.sort(key=_preference)
     ranked = [Candidate(agent.id, None, (), agent.load, agent.capacity, agent.idle_since, rank)
               for rank, agent in enumerate(eligible, start=1)]
     candidates.sort(key=lambda c: c.agent_id)
     return Choice(eligible[0].id if eligible else None, tuple(ranked + candidates), relaxed, not_in_tier)
+
+
+def agents_at_step(agents, plan: list, step: int, planned_at: datetime) -> list:
+    """The agents as a dispatch round's plan had them when it chose for its step ``step``:
+    ``agents`` as the round read them, and ``plan`` the agent chosen at each step, whose load
+    each choice raised by one (and whose idle time it ended at ``planned_at``), as
+    ``plan_drain`` does."""
+    raised = {}
+    for agent_id in plan[:step]:
+        raised[agent_id] = raised.get(agent_id, 0) + 1
+    return [AgentState(a.id, a.tiers, a.skills, a.presence, a.capacity, a.load + raised[a.id], planned_at)
+            if a.id in raised else a for a in agents]
 
 
 # --- the waiting queue ------------------------------------------------------------------------

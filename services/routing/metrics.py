@@ -25,7 +25,8 @@ LOADS_RECONCILED = Counter("helpdesk_routing_loads_reconciled_total",
 CLAIM_BATCH_SIZE = Histogram("helpdesk_routing_claim_batch_size",
                              "Tickets claimed per claim transaction (the dispatcher's batching under load)",
                              buckets=(1, 2, 4, 8, 16, 32, 64))
-DECISION_SECONDS = Histogram("helpdesk_routing_decision_seconds", "Time to choose an agent for one ticket",
+DECISION_SECONDS = Histogram("helpdesk_routing_decision_seconds",
+                             "Time to choose an agent for one ticket (a dispatch round: its plan's time per ticket)",
                              buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1))
 
 

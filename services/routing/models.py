@@ -110,7 +110,9 @@ class RoutedTicket(Base):
 
 
 class Decision(Base):
-    """One routing decision about one ticket, with every candidate and why it lost."""
+    """One routing decision about one ticket, with every candidate and why it lost: listed in
+    ``candidates``, or, for a decision of a dispatch round, explained when it is read from the
+    round's ``AgentSnapshot`` (``plan_step``: its step in the round's plan)."""
 
     __tablename__ = "routing_decisions"
 
@@ -125,3 +127,21 @@ class Decision(Base):
     skills_relaxed: Mapped[bool] = mapped_column(Boolean)
     candidates: Mapped[list] = mapped_column(JSON)
     detail: Mapped[str | None] = mapped_column(Text)
+    agent_snapshot_id: Mapped[str | None] = mapped_column(String(36))
+    plan_step: Mapped[int | None] = mapped_column(Integer)
+
+
+class AgentSnapshot(Base):
+    """The agents as one dispatch round read them, and the agent its plan chose at each step.
+
+    Every decision of the round is explained from it when read (the chooser is deterministic),
+    instead of listing every agent of the tier itself: with 200 agents a listed decision was
+    about 16 KB, written once and rewritten when confirmed, for each ticket."""
+
+    __tablename__ = "routing_agent_snapshots"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    planned_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # [id, tiers, skills, presence, capacity, load, idle_since (ISO 8601 or null)] per agent
+    agents: Mapped[list] = mapped_column(JSON)
+    plan: Mapped[list] = mapped_column(JSON)  # agent ids, one per step

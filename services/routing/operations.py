@@ -20,7 +20,7 @@ from servicekit.actor import Actor  # noqa: F401  (operations.Actor for callers)
 from servicekit.db import column_values
 from servicekit.outbox import add_event
 from services.routing import domain
-from services.routing.models import Agent, Decision, RoutedTicket, Rule, Skill
+from services.routing.models import Agent, AgentSnapshot, Decision, RoutedTicket, Rule, Skill
 
 # routing acts on tickets under this identity (assign, unassign, escalation notes)
 SYSTEM_ACTOR = {"id": "system:routing", "role": "supervisor", "organization_id": None, "org_wide": False}
@@ -742,16 +742,55 @@ def _candidate_view(stored) -> dict:
     return dict(zip(CANDIDATE_FIELDS, stored))
 
 
+def _not_in_tier_detail(detail: str | None, not_in_tier: int, tier: str) -> str | None:
+    if not not_in_tier:
+        return detail
+    return ((detail + "; ") if detail else "") + f"{not_in_tier} agents outside tier {tier} not listed"
+
+
 def decision_values(ticket_id: str, tier: str, required_skills: list, trigger: str, outcome: str,
                     choice: domain.Choice | None = None, agent_id: str | None = None, detail: str | None = None,
-                    decision_id: str | None = None) -> dict:
-    """A decision row's columns (for a bulk insert; ``new_decision`` for one ORM object)."""
+                    decision_id: str | None = None, plan_step: tuple | None = None) -> dict:
+    """A decision row's columns (for a bulk insert; ``new_decision`` for one ORM object).
+    ``plan_step``: (agent snapshot id, step) of a dispatch round's decision, which is explained
+    from the snapshot when read (its ``choice`` then lists no candidates)."""
     candidates = [_candidate_row(c) for c in choice.candidates] if choice else []
-    if choice and choice.not_in_tier:
-        detail = ((detail + "; ") if detail else "") + f"{choice.not_in_tier} agents outside tier {tier} not listed"
+    snapshot_id, step = plan_step if plan_step is not None else (None, None)
     return {"id": decision_id or new_id(), "ticket_id": ticket_id, "decided_at": now_utc(), "trigger": trigger,
             "tier": tier, "outcome": outcome, "agent_id": agent_id, "required_skills": list(required_skills),
-            "skills_relaxed": bool(choice and choice.skills_relaxed), "candidates": candidates, "detail": detail}
+            "skills_relaxed": bool(choice and choice.skills_relaxed), "candidates": candidates,
+            "detail": _not_in_tier_detail(detail, choice.not_in_tier if choice else 0, tier),
+            "agent_snapshot_id": snapshot_id, "plan_step": step}
+
+
+def insert_agent_snapshot(session: Session, snapshot_id: str, planned_at: datetime, agents, plan: list) -> None:
+    """A dispatch round's agents as it read them, and its plan's agent per step (see
+    ``domain.agents_at_step``): written once for all the round's decisions."""
+    session.execute(_INSERT_AGENT_SNAPSHOT, {
+        "id": snapshot_id, "planned_at": planned_at, "plan": plan,
+        "agents": [[a.id, sorted(a.tiers), sorted(a.skills), a.presence, a.capacity, a.load,
+                    _iso_idle_since(a.idle_since)] for a in agents]})
+
+
+_INSERT_AGENT_SNAPSHOT = AgentSnapshot.__table__.insert()
+
+
+def _snapshot_agents(stored: list) -> list:
+    return [domain.AgentState(id_, frozenset(tiers), frozenset(skills), presence, capacity, load,
+                              datetime.fromisoformat(idle_since) if idle_since else None)
+            for id_, tiers, skills, presence, capacity, load, idle_since in stored]
+
+
+def _explained_from_snapshot(decision: Decision, snapshot: AgentSnapshot | None) -> tuple:
+    """(candidates as stored rows, detail) of a dispatch round's decision."""
+    if snapshot is None:
+        return [], ((decision.detail + "; ") if decision.detail else "") + "the agents it chose among were not kept"
+    agents = domain.agents_at_step(_snapshot_agents(snapshot.agents), snapshot.plan, decision.plan_step,
+                                   snapshot.planned_at)
+    choice = domain.explain_choice(decision.tier, frozenset(decision.required_skills), decision.skills_relaxed,
+                                   agents)
+    return ([_candidate_row(c) for c in choice.candidates],
+            _not_in_tier_detail(decision.detail, choice.not_in_tier, decision.tier))
 
 
 def new_decision(*args, **kwargs) -> Decision:
@@ -767,12 +806,16 @@ def record_decision(session: Session, row: RoutedTicket, trigger: str, outcome: 
     return decision
 
 
-def decision_view(decision: Decision) -> dict:
+def decision_view(decision: Decision, snapshots: dict | None = None) -> dict:
+    """``snapshots``: the AgentSnapshot rows by id, for decisions explained from one."""
+    candidates, detail = decision.candidates, decision.detail
+    if decision.agent_snapshot_id is not None:
+        candidates, detail = _explained_from_snapshot(decision, (snapshots or {}).get(decision.agent_snapshot_id))
     return {"id": decision.id, "ticket_id": decision.ticket_id, "decided_at": iso_utc(decision.decided_at),
             "trigger": decision.trigger, "tier": decision.tier, "outcome": decision.outcome,
             "agent_id": decision.agent_id, "required_skills": decision.required_skills,
-            "skills_relaxed": decision.skills_relaxed, "detail": decision.detail,
-            "candidates": [_candidate_view(c) for c in decision.candidates]}
+            "skills_relaxed": decision.skills_relaxed, "detail": detail,
+            "candidates": [_candidate_view(c) for c in candidates]}
 
 
 def ticket_routing(session: Session, actor, ticket_id: str) -> dict:
@@ -780,11 +823,14 @@ def ticket_routing(session: Session, actor, ticket_id: str) -> dict:
     row = get_routed(session, ticket_id) if isinstance(ticket_id, str) and len(ticket_id) <= 36 else None
     if row is None:
         raise NotFound("routing has no record of this ticket")
-    decisions = session.scalars(select(Decision).where(Decision.ticket_id == ticket_id)
-                                .order_by(Decision.decided_at, Decision.id))
+    decisions = list(session.scalars(select(Decision).where(Decision.ticket_id == ticket_id)
+                                     .order_by(Decision.decided_at, Decision.id)))
+    snapshot_ids = {d.agent_snapshot_id for d in decisions if d.agent_snapshot_id is not None}
+    snapshots = {s.id: s for s in session.scalars(select(AgentSnapshot).where(AgentSnapshot.id.in_(snapshot_ids)))
+                 } if snapshot_ids else {}
     return {"ticket_id": row.ticket_id, "tier": row.tier, "state": row.state, "assignee_id": row.assignee_id,
             "required_skills": row.required_skills, "queued_at": iso_utc(row.queued_at),
-            "decisions": [decision_view(d) for d in decisions]}
+            "decisions": [decision_view(d, snapshots) for d in decisions]}
 
 
 # --- queues ---------------------------------------------------------------------------------------

@@ -124,6 +124,18 @@ class _Planned:
     choice: domain.Choice
     trigger: str
     changes: dict | None
+    plan_step: int | None = None  # its step in the round's plan (explained from the round's snapshot)
+
+
+@dataclass
+class _RoundSnapshot:
+    """A dispatch round's agents as it read them and the agent its plan chose at each step:
+    written with the round's first claims, and its decisions explained from it when read."""
+    id: str
+    planned_at: datetime
+    agents: list
+    plan: list
+    written: bool = False
 
 
 # what _deliver_batch answers for a claim the tickets service refused (its slot went back)
@@ -416,14 +428,16 @@ class Router:
                 session.execute(update(RoutedTicket).where(RoutedTicket.ticket_id.in_(done))
                                 .values(pending_changes=None))
 
-    def _claim_all(self, planned: list) -> list:
+    def _claim_all(self, planned: list, snapshot: _RoundSnapshot | None = None) -> list:
         """Claim each planned (ticket, agent) pair, all in one transaction: lock the tickets
         (id order) and keep those still claimable (queued in the planned tier, unassigned,
         active); take each agent's slots with one atomic UPDATE (``active_load + k <=
         capacity``, online; agents in id order) and drop the tickets of an agent whose slots
         are gone (another router, an assignment by hand, offline: they stay queued for the next
         round); then mark the rest ``assigning`` and record the decisions. Locks are taken
-        ticket before agent, as the mirror does. Returns the claims that won."""
+        ticket before agent, as the mirror does. ``snapshot``: the round's, for decisions
+        planned as its steps (written with the first claims that win). Returns the claims
+        that won."""
         if not planned:
             return []
         now = ops.now_utc()
@@ -444,13 +458,20 @@ class Router:
                     claims = [Claim(step.ticket.ticket_id, step.agent_id, ops.new_id(), step.ticket.tier,
                                     step.trigger, step.ticket.created_at, step.changes) for step in won]
                     ops.mark_claimed(session, [(c.ticket_id, c.agent_id, c.decision_id) for c in claims], now)
+                    if snapshot is not None and not snapshot.written:
+                        ops.insert_agent_snapshot(session, snapshot.id, snapshot.planned_at, snapshot.agents,
+                                                  snapshot.plan)
                     # the ticket as the plan read it: the lock proved it is still queued in that tier
                     # (skills change only in triage, before a ticket is queued)
                     ops.insert_decisions(session, [
                         ops.decision_values(step.ticket.ticket_id, step.ticket.tier,
                                             sorted(step.ticket.required_skills), step.trigger, "assigning",
-                                            step.choice, step.agent_id, decision_id=claim.decision_id)
+                                            step.choice, step.agent_id, decision_id=claim.decision_id,
+                                            plan_step=None if step.plan_step is None or snapshot is None
+                                            else (snapshot.id, step.plan_step))
                         for step, claim in zip(won, claims)])
+            if claims and snapshot is not None:
+                snapshot.written = True
         except OperationalError as exc:  # a deadlock or lock timeout: the transaction rolled back
             log.info("claim of %d tickets lost to database contention: %s", len(planned), exc)
             claims = []
@@ -742,32 +763,32 @@ class Router:
         if not entries:
             return False
         now = ops.now_utc()
+        started = time.perf_counter()
         plan = domain.plan_drain([entry.ticket for entry in entries], agents, now, self.settings.aging_seconds, relax)
+        if not plan.assignments:
+            return False
+        per_decision = (time.perf_counter() - started) / len(plan.assignments)
         by_ticket = {entry.ticket.ticket_id: entry for entry in entries}
-        by_id = {agent.id: agent for agent in agents}
+        # each decision is explained when read, from the agents as this round read them and the
+        # loads its plan had raised before that step: the round writes them once, instead of
+        # every decision listing every agent of its tier
+        snapshot = _RoundSnapshot(ops.new_id(), now, agents, [step.agent_id for step in plan.assignments])
         # the whole plan, a batch at a time, without reading the queue again: claims are
         # compare-and-set, so a ticket or a slot taken meanwhile only ends the plan early
         for first in range(0, len(plan.assignments), CLAIM_BATCH):
             planned = []
-            for step in plan.assignments[first:first + CLAIM_BATCH]:
-                # the recorded explanation uses the loads as the plan had them at this step
-                started = time.perf_counter()
-                choice = domain.choose_agent(step.ticket, by_id.values(), now, relax)
-                metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
-                if choice.winner != step.agent_id:  # cannot happen unless the plan and chooser disagree
-                    log.error("drain plan chose %s, chooser %s", step.agent_id, choice.winner)
-                agent = by_id[step.agent_id]
-                by_id[agent.id] = domain.AgentState(agent.id, agent.tiers, agent.skills, agent.presence,
-                                                    agent.capacity, agent.load + 1, now)
+            for index, step in enumerate(plan.assignments[first:first + CLAIM_BATCH], start=first):
+                metrics.DECISION_SECONDS.observe(per_decision)
                 entry = by_ticket[step.ticket.ticket_id]
+                choice = domain.Choice(step.agent_id, (), domain.skills_relaxed(step.ticket, now, relax))
                 planned.append(_Planned(step.ticket, step.agent_id, choice,
                                         entry.trigger if entry.trigger and not entry.noted else trigger,
-                                        entry.changes))
-            claims = self._claim_all(planned)
+                                        entry.changes, plan_step=index))
+            claims = self._claim_all(planned, snapshot)
             deliveries.submit(claims)
             if len(claims) < len(planned):
                 return True
-        return bool(plan.assignments)
+        return True
 
     # --- agents --------------------------------------------------------------------------------
 

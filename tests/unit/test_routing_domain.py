@@ -486,6 +486,37 @@ def test_after_a_drain_no_skipped_ticket_has_an_eligible_free_agent(queue, agent
             assert not any(eligible(a, t) for a in agents), f"{t.ticket_id} left while an agent is free"
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(queued_tickets(), agent_states(), st.one_of(st.none(), st.integers(60, 3600)),
+       st.one_of(st.none(), st.integers(0, 7200)))
+def test_a_rounds_decision_explained_from_its_snapshot_is_the_choosers_at_that_step(queue, agents, aging, relax):
+    # a dispatch round records the agents it read and its plan; each of its decisions is
+    # explained later from those: it must be the explanation the chooser gives at that step, with
+    # the loads the plan had raised before it (as the round used to record for each decision)
+    plan = plan_drain(queue, agents, NOW, aging, relax)
+    plan_agents = [step.agent_id for step in plan.assignments]
+    states = {a.id: a for a in agents}
+    for index, step in enumerate(plan.assignments):
+        expected = choose_agent(step.ticket, states.values(), NOW, relax)
+        explained = domain.explain_choice(step.ticket.tier, step.ticket.required_skills,
+                                          domain.skills_relaxed(step.ticket, NOW, relax),
+                                          domain.agents_at_step(agents, plan_agents, index, NOW))
+        assert explained == expected
+        assert explained.winner == step.agent_id
+        chosen = states[step.agent_id]
+        states[chosen.id] = AgentState(chosen.id, chosen.tiers, chosen.skills, chosen.presence, chosen.capacity,
+                                       chosen.load + 1, NOW)
+
+
+def test_the_agents_at_a_step_carry_the_loads_the_plan_raised_before_it():
+    agents = [agent("ann", load=1), agent("bob", idle_since=NOW - MINUTE)]
+    assert domain.agents_at_step(agents, ["bob", "ann", "bob"], 0, NOW) == agents
+    at_two = {a.id: a for a in domain.agents_at_step(agents, ["bob", "ann", "bob"], 2, NOW)}
+    assert (at_two["ann"].load, at_two["ann"].idle_since) == (2, NOW)
+    assert (at_two["bob"].load, at_two["bob"].idle_since) == (1, NOW)
+    assert agents[0].load == 1, "the snapshot's agents are left as they were"
+
+
 # --- after_snapshot: the mirror's state table ------------------------------------------------
 
 def test_a_first_seen_unassigned_active_ticket_goes_to_triage():

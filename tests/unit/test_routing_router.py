@@ -12,13 +12,13 @@ from datetime import datetime, timedelta, timezone
 import eventlet
 from types import SimpleNamespace
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from contracts import routing as contract
 from contracts.errors import Conflict, HelpdeskError, NotFound, PreconditionFailed, ValidationError, error_payload
 from servicekit.tables import OUTBOX
 from services.routing import metrics, operations as ops, router as router_module
-from services.routing.models import Decision, RoutedTicket, Skill
+from services.routing.models import AgentSnapshot, Decision, RoutedTicket, Skill
 from services.routing.router import Router, RoutingSettings
 from services.routing.service import TicketsPort
 
@@ -517,7 +517,8 @@ def test_a_decision_lists_every_candidate_as_an_object_whatever_the_stored_shape
     with routing.uow.read() as session:
         decision = session.scalars(select(Decision).where(Decision.ticket_id == ticket["id"],
                                                           Decision.outcome == "assigned")).one()
-        assert all(isinstance(stored, list) for stored in decision.candidates), "stored as rows"
+        # a dispatch round's decision points at the round's snapshot of the agents
+        assert decision.candidates == [] and decision.agent_snapshot_id is not None and decision.plan_step == 0
         decision_id = decision.id
         view = ops.ticket_routing(session, SUPERVISOR, ticket["id"])["decisions"][-1]
     by_agent = {c["agent_id"]: c for c in view["candidates"]}
@@ -525,14 +526,45 @@ def test_a_decision_lists_every_candidate_as_an_object_whatever_the_stored_shape
     assert by_agent["bob"]["excluded"] == "at_capacity" and by_agent["bob"]["capacity"] == 0
     assert set(by_agent["ann"]) == {"agent_id", "excluded", "missing_skills", "load", "capacity", "idle_since",
                                     "rank"}
-    # a record written before candidates were stored as rows reads back unchanged
+    # records that list their candidates, as rows or (before rows) as objects, read back as objects
+    as_rows = [[candidate[field] for field in ops.CANDIDATE_FIELDS] for candidate in view["candidates"]]
     old = {"agent_id": "cy", "excluded": "offline", "missing_skills": [], "load": 0, "capacity": 3,
            "idle_since": None, "rank": None}
+    for stored, expected in ((as_rows, view["candidates"]), ([old], [old])):
+        with routing.uow.transaction() as session:
+            decision = session.get(Decision, decision_id)
+            decision.candidates, decision.agent_snapshot_id, decision.plan_step = stored, None, None
+        with routing.uow.read() as session:
+            assert ops.ticket_routing(session, SUPERVISOR, ticket["id"])["decisions"][-1]["candidates"] == expected
+    # a decision whose snapshot is gone says so instead of failing the read
     with routing.uow.transaction() as session:
-        session.get(Decision, decision_id).candidates = [old]
+        decision = session.get(Decision, decision_id)
+        decision.candidates, decision.agent_snapshot_id, decision.plan_step = [], "gone", 0
     with routing.uow.read() as session:
         view = ops.ticket_routing(session, SUPERVISOR, ticket["id"])["decisions"][-1]
-    assert view["candidates"] == [old]
+    assert view["candidates"] == [] and "not kept" in view["detail"]
+
+
+def test_the_decisions_of_one_round_share_its_snapshot_each_explained_with_the_loads_at_its_step(routing, tickets):
+    routing.agent("ann", presence="offline")
+    routing.agent("bob", presence="offline")
+    created = [tickets.create() for _ in range(3)]
+    routing.pump()  # nobody online: all three wait
+    routing.presence("ann", "online")  # one round assigns the three to ann
+    with routing.uow.read() as session:
+        decisions = session.execute(select(Decision.ticket_id, Decision.plan_step, Decision.agent_snapshot_id)
+                                    .where(Decision.outcome == "assigned").order_by(Decision.plan_step)).all()
+        assert [d.plan_step for d in decisions] == [0, 1, 2]
+        assert len({d.agent_snapshot_id for d in decisions}) == 1
+        assert session.scalar(select(func.count()).select_from(AgentSnapshot)) == 1
+        views = {t["id"]: ops.ticket_routing(session, SUPERVISOR, t["id"])["decisions"][-1] for t in created}
+    for step, decision in enumerate(decisions):
+        view = views[decision.ticket_id]
+        by_agent = {c["agent_id"]: c for c in view["candidates"]}
+        assert view["agent_id"] == "ann" and by_agent["ann"]["rank"] == 1
+        assert by_agent["ann"]["load"] == step, "the loads as the plan had them at this step"
+        assert (by_agent["ann"]["idle_since"] is None) == (step == 0)
+        assert by_agent["bob"]["excluded"] == "offline"
 
 
 # --- the waiting decision is recorded once per queue entry -----------------------------------
