@@ -297,12 +297,25 @@ def _skill_name(skill: dict) -> str:
     return skill["name"]
 
 
+# an agent's row -> its AgentState: every dispatch round reads every agent, and between two
+# rounds most rows are unchanged (only the agents just assigned have a new load)
+_AGENT_STATES: dict = {}
+
+
 def agent_states(session: Session) -> list:
     """Every agent as the chooser sees it (plain columns: no ORM objects on the hot path)."""
-    return [domain.AgentState(id_, _decoded(tiers), _decoded(skills, _skill_name), presence, capacity, load,
-                              last_assigned_at)
-            for id_, tiers, skills, presence, capacity, load, last_assigned_at
-            in session.execute(_AGENT_STATE_COLUMNS)]
+    states = []
+    for row in session.execute(_AGENT_STATE_COLUMNS):
+        key = tuple(row)
+        state = _AGENT_STATES.get(key)
+        if state is None:
+            if len(_AGENT_STATES) > 50_000:
+                _AGENT_STATES.clear()
+            id_, tiers, skills, presence, capacity, load, last_assigned_at = key
+            state = _AGENT_STATES[key] = domain.AgentState(id_, _decoded(tiers), _decoded(skills, _skill_name),
+                                                           presence, capacity, load, last_assigned_at)
+        states.append(state)
+    return states
 
 
 def _get_agent(session: Session, agent_id: str, for_update: bool = False) -> Agent:
@@ -766,13 +779,22 @@ def decision_values(ticket_id: str, tier: str, required_skills: list, trigger: s
 def insert_agent_snapshot(session: Session, snapshot_id: str, planned_at: datetime, agents, plan: list) -> None:
     """A dispatch round's agents as it read them, and its plan's agent per step (see
     ``domain.agents_at_step``): written once for all the round's decisions."""
-    session.execute(_INSERT_AGENT_SNAPSHOT, {
-        "id": snapshot_id, "planned_at": planned_at, "plan": plan,
-        "agents": [[a.id, sorted(a.tiers), sorted(a.skills), a.presence, a.capacity, a.load,
-                    _iso_idle_since(a.idle_since)] for a in agents]})
+    session.execute(_INSERT_AGENT_SNAPSHOT, {"id": snapshot_id, "planned_at": planned_at, "plan": plan,
+                                             "agents": [_snapshot_row(agent) for agent in agents]})
 
 
 _INSERT_AGENT_SNAPSHOT = AgentSnapshot.__table__.insert()
+_SNAPSHOT_ROWS: dict = {}  # AgentState -> its row in a snapshot (most repeat from round to round)
+
+
+def _snapshot_row(agent: domain.AgentState) -> list:
+    row = _SNAPSHOT_ROWS.get(agent)
+    if row is None:
+        if len(_SNAPSHOT_ROWS) > 50_000:
+            _SNAPSHOT_ROWS.clear()
+        row = _SNAPSHOT_ROWS[agent] = [agent.id, sorted(agent.tiers), sorted(agent.skills), agent.presence,
+                                       agent.capacity, agent.load, _iso_idle_since(agent.idle_since)]
+    return row
 
 
 def _snapshot_agents(stored: list) -> list:
