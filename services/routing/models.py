@@ -132,7 +132,8 @@ class Decision(Base):
 
 
 class AgentSnapshot(Base):
-    """The agents as one dispatch round read them, and the agent its plan chose at each step.
+    """The agents of the tiers one dispatch round assigned in, as it read them, and the agent
+    its plan chose at each step.
 
     Every decision of the round is explained from it when read (the chooser is deterministic),
     instead of listing every agent of the tier itself: with 200 agents a listed decision was
@@ -145,3 +146,5 @@ class AgentSnapshot(Base):
     # [id, tiers, skills, presence, capacity, load, idle_since (ISO 8601 or null)] per agent
     agents: Mapped[list] = mapped_column(JSON)
     plan: Mapped[list] = mapped_column(JSON)  # agent ids, one per step
+    # agents in none of the round's tiers: counted, not listed (a decision lists its tier's agents)
+    agents_not_listed: Mapped[int] = mapped_column(Integer)

@@ -776,11 +776,14 @@ def decision_values(ticket_id: str, tier: str, required_skills: list, trigger: s
             "agent_snapshot_id": snapshot_id, "plan_step": step}
 
 
-def insert_agent_snapshot(session: Session, snapshot_id: str, planned_at: datetime, agents, plan: list) -> None:
-    """A dispatch round's agents as it read them, and its plan's agent per step (see
-    ``domain.agents_at_step``): written once for all the round's decisions."""
+def insert_agent_snapshot(session: Session, snapshot_id: str, planned_at: datetime, agents, plan: list,
+                          agents_not_listed: int = 0) -> None:
+    """A dispatch round's agents as it read them (those of the tiers it assigns in; the others
+    counted), and its plan's agent per step (see ``domain.agents_at_step``): written once for
+    all the round's decisions."""
     session.execute(_INSERT_AGENT_SNAPSHOT, {"id": snapshot_id, "planned_at": planned_at, "plan": plan,
-                                             "agents": [_snapshot_row(agent) for agent in agents]})
+                                             "agents": [_snapshot_row(agent) for agent in agents],
+                                             "agents_not_listed": agents_not_listed})
 
 
 _INSERT_AGENT_SNAPSHOT = AgentSnapshot.__table__.insert()
@@ -812,7 +815,7 @@ def _explained_from_snapshot(decision: Decision, snapshot: AgentSnapshot | None)
     choice = domain.explain_choice(decision.tier, frozenset(decision.required_skills), decision.skills_relaxed,
                                    agents)
     return ([_candidate_row(c) for c in choice.candidates],
-            _not_in_tier_detail(decision.detail, choice.not_in_tier, decision.tier))
+            _not_in_tier_detail(decision.detail, choice.not_in_tier + snapshot.agents_not_listed, decision.tier))
 
 
 def new_decision(*args, **kwargs) -> Decision:

@@ -133,8 +133,9 @@ class _RoundSnapshot:
     written with the round's first claims, and its decisions explained from it when read."""
     id: str
     planned_at: datetime
-    agents: list
+    agents: list  # those of the tiers the plan assigns in
     plan: list
+    agents_not_listed: int
     written: bool = False
 
 
@@ -460,7 +461,7 @@ class Router:
                     ops.mark_claimed(session, [(c.ticket_id, c.agent_id, c.decision_id) for c in claims], now)
                     if snapshot is not None and not snapshot.written:
                         ops.insert_agent_snapshot(session, snapshot.id, snapshot.planned_at, snapshot.agents,
-                                                  snapshot.plan)
+                                                  snapshot.plan, snapshot.agents_not_listed)
                     # the ticket as the plan read it: the lock proved it is still queued in that tier
                     # (skills change only in triage, before a ticket is queued)
                     ops.insert_decisions(session, [
@@ -772,7 +773,10 @@ class Router:
         # each decision is explained when read, from the agents as this round read them and the
         # loads its plan had raised before that step: the round writes them once, instead of
         # every decision listing every agent of its tier
-        snapshot = _RoundSnapshot(ops.new_id(), now, agents, [step.agent_id for step in plan.assignments])
+        planned_tiers = {step.ticket.tier for step in plan.assignments}
+        listed = [agent for agent in agents if agent.tiers & planned_tiers]
+        snapshot = _RoundSnapshot(ops.new_id(), now, listed, [step.agent_id for step in plan.assignments],
+                                  len(agents) - len(listed))
         # the whole plan, a batch at a time, without reading the queue again: claims are
         # compare-and-set, so a ticket or a slot taken meanwhile only ends the plan early
         for first in range(0, len(plan.assignments), CLAIM_BATCH):

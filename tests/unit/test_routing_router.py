@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 import eventlet
 from types import SimpleNamespace
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from contracts import routing as contract
 from contracts.errors import Conflict, HelpdeskError, NotFound, PreconditionFailed, ValidationError, error_payload
@@ -548,6 +548,7 @@ def test_a_decision_lists_every_candidate_as_an_object_whatever_the_stored_shape
 def test_the_decisions_of_one_round_share_its_snapshot_each_explained_with_the_loads_at_its_step(routing, tickets):
     routing.agent("ann", presence="offline")
     routing.agent("bob", presence="offline")
+    routing.agent("cy", tiers=("L2",))  # of no tier the round assigns in: counted, not listed
     created = [tickets.create() for _ in range(3)]
     routing.pump()  # nobody online: all three wait
     routing.presence("ann", "online")  # one round assigns the three to ann
@@ -556,7 +557,8 @@ def test_the_decisions_of_one_round_share_its_snapshot_each_explained_with_the_l
                                     .where(Decision.outcome == "assigned").order_by(Decision.plan_step)).all()
         assert [d.plan_step for d in decisions] == [0, 1, 2]
         assert len({d.agent_snapshot_id for d in decisions}) == 1
-        assert session.scalar(select(func.count()).select_from(AgentSnapshot)) == 1
+        snapshot = session.scalars(select(AgentSnapshot)).one()
+        assert [agent[0] for agent in snapshot.agents] == ["ann", "bob"] and snapshot.agents_not_listed == 1
         views = {t["id"]: ops.ticket_routing(session, SUPERVISOR, t["id"])["decisions"][-1] for t in created}
     for step, decision in enumerate(decisions):
         view = views[decision.ticket_id]
@@ -565,6 +567,7 @@ def test_the_decisions_of_one_round_share_its_snapshot_each_explained_with_the_l
         assert by_agent["ann"]["load"] == step, "the loads as the plan had them at this step"
         assert (by_agent["ann"]["idle_since"] is None) == (step == 0)
         assert by_agent["bob"]["excluded"] == "offline"
+        assert "cy" not in by_agent and view["detail"] == "1 agents outside tier L1 not listed"
 
 
 # --- the waiting decision is recorded once per queue entry -----------------------------------

@@ -5,9 +5,10 @@ Revises: 0003
 Create Date: 2026-11-30
 
 A decision listed every agent of its tier (about 16 KB with 200 agents), written for each
-ticket and rewritten when confirmed. A dispatch round now writes the agents once, with the
-agent its plan chose at each step; its decisions point at that snapshot and their step, and
-are explained when read. Decisions recorded before keep their listed candidates.
+ticket and rewritten when confirmed. A dispatch round now writes the agents of the tiers it
+assigns in once (the others only counted), with the agent its plan chose at each step; its
+decisions point at that snapshot and their step, and are explained when read. Decisions
+recorded before keep their listed candidates.
 """
 from alembic import op
 import sqlalchemy as sa
@@ -25,6 +26,7 @@ def upgrade():
     sa.Column('planned_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('agents', sa.JSON(), nullable=False),
     sa.Column('plan', sa.JSON(), nullable=False),
+    sa.Column('agents_not_listed', sa.Integer(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_routing_agent_snapshots'))
     )
     with op.batch_alter_table('routing_decisions', schema=None) as batch_op:
