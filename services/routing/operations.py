@@ -790,13 +790,14 @@ _INSERT_AGENT_SNAPSHOT = AgentSnapshot.__table__.insert()
 _SNAPSHOT_ROWS: dict = {}  # AgentState -> its row in a snapshot (most repeat from round to round)
 
 
-def _snapshot_row(agent: domain.AgentState) -> list:
+def _snapshot_row(agent: domain.AgentState) -> tuple:
     row = _SNAPSHOT_ROWS.get(agent)
     if row is None:
         if len(_SNAPSHOT_ROWS) > 50_000:
             _SNAPSHOT_ROWS.clear()
-        row = _SNAPSHOT_ROWS[agent] = [agent.id, sorted(agent.tiers), sorted(agent.skills), agent.presence,
-                                       agent.capacity, agent.load, _iso_idle_since(agent.idle_since)]
+        # tuples: a row is shared by every snapshot that holds the agent unchanged
+        row = _SNAPSHOT_ROWS[agent] = (agent.id, tuple(sorted(agent.tiers)), tuple(sorted(agent.skills)),
+                                       agent.presence, agent.capacity, agent.load, _iso_idle_since(agent.idle_since))
     return row
 
 
@@ -808,7 +809,7 @@ def _snapshot_agents(stored: list) -> list:
 
 def _explained_from_snapshot(decision: Decision, snapshot: AgentSnapshot | None) -> tuple:
     """(candidates as stored rows, detail) of a dispatch round's decision."""
-    if snapshot is None:
+    if snapshot is None or not isinstance(decision.plan_step, int) or not 0 <= decision.plan_step < len(snapshot.plan):
         return [], ((decision.detail + "; ") if decision.detail else "") + "the agents it chose among were not kept"
     agents = domain.agents_at_step(_snapshot_agents(snapshot.agents), snapshot.plan, decision.plan_step,
                                    snapshot.planned_at)

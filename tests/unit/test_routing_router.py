@@ -12,13 +12,14 @@ from datetime import datetime, timedelta, timezone
 import eventlet
 from types import SimpleNamespace
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from contracts import routing as contract
 from contracts.errors import Conflict, HelpdeskError, NotFound, PreconditionFailed, ValidationError, error_payload
 from servicekit.tables import OUTBOX
-from services.routing import metrics, operations as ops, router as router_module
-from services.routing.models import AgentSnapshot, Decision, RoutedTicket, Skill
+from services.routing import domain, metrics, operations as ops, router as router_module
+from services.routing.models import Agent, AgentSnapshot, Decision, RoutedTicket, Skill
 from services.routing.router import Router, RoutingSettings
 from services.routing.service import TicketsPort
 
@@ -536,13 +537,16 @@ def test_a_decision_lists_every_candidate_as_an_object_whatever_the_stored_shape
             decision.candidates, decision.agent_snapshot_id, decision.plan_step = stored, None, None
         with routing.uow.read() as session:
             assert ops.ticket_routing(session, SUPERVISOR, ticket["id"])["decisions"][-1]["candidates"] == expected
-    # a decision whose snapshot is gone says so instead of failing the read
-    with routing.uow.transaction() as session:
-        decision = session.get(Decision, decision_id)
-        decision.candidates, decision.agent_snapshot_id, decision.plan_step = [], "gone", 0
+    # a decision whose snapshot is gone, or whose step it does not have, says so instead of failing the read
     with routing.uow.read() as session:
-        view = ops.ticket_routing(session, SUPERVISOR, ticket["id"])["decisions"][-1]
-    assert view["candidates"] == [] and "not kept" in view["detail"]
+        snapshot_id = session.scalars(select(AgentSnapshot.id)).one()
+    for snapshot_id, step in (("gone", 0), (snapshot_id, 1), (snapshot_id, -1)):
+        with routing.uow.transaction() as session:
+            decision = session.get(Decision, decision_id)
+            decision.candidates, decision.agent_snapshot_id, decision.plan_step = [], snapshot_id, step
+        with routing.uow.read() as session:
+            view = ops.ticket_routing(session, SUPERVISOR, ticket["id"])["decisions"][-1]
+        assert view["candidates"] == [] and "not kept" in view["detail"], (snapshot_id, step)
 
 
 def test_the_decisions_of_one_round_share_its_snapshot_each_explained_with_the_loads_at_its_step(routing, tickets):
@@ -568,6 +572,99 @@ def test_the_decisions_of_one_round_share_its_snapshot_each_explained_with_the_l
         assert (by_agent["ann"]["idle_since"] is None) == (step == 0)
         assert by_agent["bob"]["excluded"] == "offline"
         assert "cy" not in by_agent and view["detail"] == "1 agents outside tier L1 not listed"
+
+
+def _spy_on_plans(monkeypatch) -> list:
+    """Each dispatch round's (agents, now, relax, plan), as the round planned."""
+    plans, plan_drain = [], router_module.domain.plan_drain
+
+    def spy(queue, agents, now, aging, relax=None):
+        plan = plan_drain(queue, agents, now, aging, relax)
+        plans.append((agents, now, relax, plan))
+        return plan
+
+    monkeypatch.setattr(router_module.domain, "plan_drain", spy)
+    return plans
+
+
+def _as_recorded_before_snapshots(agents, now, relax, plan) -> dict:
+    """ticket id -> (candidates, detail), as a round recorded them in each decision before
+    snapshots: the chooser at each step, with the loads the plan had raised by then."""
+    states, recorded = {a.id: a for a in agents}, {}
+    for step in plan.assignments:
+        values = ops.decision_values(step.ticket.ticket_id, step.ticket.tier, sorted(step.ticket.required_skills),
+                                     "created", "assigning", domain.choose_agent(step.ticket, states.values(), now, relax),
+                                     step.agent_id)
+        recorded[step.ticket.ticket_id] = ([ops._candidate_view(c) for c in values["candidates"]], values["detail"])
+        chosen = states[step.agent_id]
+        states[chosen.id] = domain.AgentState(chosen.id, chosen.tiers, chosen.skills, chosen.presence,
+                                              chosen.capacity, chosen.load + 1, now)
+    return recorded
+
+
+def _assert_read_back_as_recorded_before(routing, plans) -> int:
+    compared = 0
+    with routing.uow.read() as session:
+        for agents, now, relax, plan in plans:
+            for ticket_id, (candidates, detail) in _as_recorded_before_snapshots(agents, now, relax, plan).items():
+                decision = session.scalars(select(Decision).where(Decision.ticket_id == ticket_id,
+                                                                  Decision.outcome == "assigned")).one_or_none()
+                snapshot = decision and session.get(AgentSnapshot, decision.agent_snapshot_id)
+                if snapshot is None or snapshot.planned_at != now:
+                    continue  # this round lost the ticket; the round that won it is compared
+                view = next(d for d in ops.ticket_routing(session, SUPERVISOR, ticket_id)["decisions"]
+                            if d["id"] == decision.id)
+                assert (view["candidates"], view["detail"]) == (candidates, detail), ticket_id
+                compared += 1
+    return compared
+
+
+def test_a_round_over_several_tiers_and_claim_batches_reads_back_as_each_decision_was_made(routing, tickets,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(router_module, "CLAIM_BATCH", 2)  # seven tickets: four claim transactions
+    for agent_id, tiers in (("ann", ("L1",)), ("bob", ("L1", "L2")), ("cy", ("L2",)), ("dan", ("L3",)),
+                            ("eve", ("L1",))):
+        routing.agent(agent_id, tiers=tiers, capacity=4, presence="offline")
+    with routing.uow.transaction() as session:
+        session.get(Agent, "eve").last_assigned_at = ops.now_utc() - timedelta(minutes=5)
+    for index in range(7):
+        tickets.create(group="L1" if index % 2 else "L2")
+    routing.pump()
+    plans = _spy_on_plans(monkeypatch)
+    with routing.uow.transaction() as session:
+        session.execute(update(Agent).values(presence="online"))
+    routing.router.dispatch("agent_online")
+    assert _assert_read_back_as_recorded_before(routing, plans) == 7
+    with routing.uow.read() as session:
+        snapshot = session.scalars(select(AgentSnapshot)).one()  # one round, written once
+        assert sorted(agent[0] for agent in snapshot.agents) == ["ann", "bob", "cy", "eve"]
+        assert snapshot.agents_not_listed == 1 and len(snapshot.plan) == 7
+
+
+def test_a_claim_transaction_that_fails_leaves_no_snapshot_and_the_next_round_explains_itself(routing, tickets,
+                                                                                             monkeypatch):
+    monkeypatch.setattr(router_module, "CLAIM_BATCH", 2)
+    routing.agent("ann", capacity=5, presence="offline")
+    for _ in range(5):
+        tickets.create()
+    routing.pump()
+    insert_decisions, failed = ops.insert_decisions, []
+
+    def first_claim_fails(session, rows):  # after the round's snapshot was inserted
+        if rows and rows[0]["plan_step"] is not None and not failed:
+            failed.append(rows)
+            raise OperationalError("INSERT INTO routing_decisions", {}, Exception("database is locked"))
+        return insert_decisions(session, rows)
+
+    monkeypatch.setattr(ops, "insert_decisions", first_claim_fails)
+    plans = _spy_on_plans(monkeypatch)
+    routing.presence("ann", "online")
+    assert failed, "the first claim transaction failed"
+    with routing.uow.read() as session:
+        snapshots = set(session.scalars(select(AgentSnapshot.id)))
+        used = set(session.scalars(select(Decision.agent_snapshot_id).where(Decision.agent_snapshot_id.is_not(None))))
+    assert snapshots == used, "every snapshot has decisions, every decision its snapshot"
+    assert _assert_read_back_as_recorded_before(routing, plans) == 5
 
 
 # --- the waiting decision is recorded once per queue entry -----------------------------------

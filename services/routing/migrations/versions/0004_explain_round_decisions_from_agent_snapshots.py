@@ -9,6 +9,9 @@ ticket and rewritten when confirmed. A dispatch round now writes the agents of t
 assigns in once (the others only counted), with the agent its plan chose at each step; its
 decisions point at that snapshot and their step, and are explained when read. Decisions
 recorded before keep their listed candidates.
+
+Downgrading drops the snapshots: the decisions made by dispatch rounds since this revision then
+read back with no candidates (their winner, tier, skills and outcome stay).
 """
 from alembic import op
 import sqlalchemy as sa
