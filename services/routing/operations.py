@@ -700,16 +700,26 @@ _QUEUE_COLUMNS = select(RoutedTicket.ticket_id, RoutedTicket.tier, RoutedTicket.
                         RoutedTicket.queue_noted, RoutedTicket.pending_changes)
 
 
+_QUEUED = _QUEUE_COLUMNS.where(RoutedTicket.state == domain.QUEUED, RoutedTicket.status.in_(contract.ACTIVE_STATUSES))
+# built once, the two reads every dispatch round makes: building the statement (its cache key)
+# took 150 of the 200 us such a read of an empty queue takes
+_QUEUED_UNNOTED = _QUEUED.where(RoutedTicket.queue_noted.is_(False))
+
+
 def queue_entries(session: Session, tiers=None, ticket_ids=None, unnoted_only: bool = False) -> list:
     """The queued (and active) tickets of ``tiers``, or of ``ticket_ids``, as QueueEntry."""
-    query = _QUEUE_COLUMNS.where(RoutedTicket.state == domain.QUEUED,
-                                 RoutedTicket.status.in_(contract.ACTIVE_STATUSES))
-    if tiers is not None:
-        query = query.where(RoutedTicket.tier.in_(list(tiers)))
-    if ticket_ids is not None:
-        query = query.where(RoutedTicket.ticket_id.in_(list(ticket_ids)))
-    if unnoted_only:
-        query = query.where(RoutedTicket.queue_noted.is_(False))
+    if tiers is not None and set(contract.TIERS) <= set(tiers):
+        tiers = None  # every ticket is in one of the tiers
+    if ticket_ids is None and tiers is None:
+        query = _QUEUED_UNNOTED if unnoted_only else _QUEUED
+    else:
+        query = _QUEUED
+        if tiers is not None:
+            query = query.where(RoutedTicket.tier.in_(list(tiers)))
+        if ticket_ids is not None:
+            query = query.where(RoutedTicket.ticket_id.in_(list(ticket_ids)))
+        if unnoted_only:
+            query = query.where(RoutedTicket.queue_noted.is_(False))
     return [QueueEntry(domain.QueuedTicket(ticket_id, tier, priority, _decoded(skills), created_at,
                                            queued_at or created_at, sla_due_at),
                        trigger, bool(noted), changes or None)
