@@ -773,17 +773,17 @@ def _not_in_tier_detail(detail: str | None, not_in_tier: int, tier: str) -> str 
 
 def decision_values(ticket_id: str, tier: str, required_skills: list, trigger: str, outcome: str,
                     choice: domain.Choice | None = None, agent_id: str | None = None, detail: str | None = None,
-                    decision_id: str | None = None, plan_step: tuple | None = None) -> dict:
+                    decision_id: str | None = None, agent_snapshot_id: str | None = None,
+                    plan_step: int | None = None) -> dict:
     """A decision row's columns (for a bulk insert; ``new_decision`` for one ORM object).
-    ``plan_step``: (agent snapshot id, step) of a dispatch round's decision, which is explained
-    from the snapshot when read (its ``choice`` then lists no candidates)."""
+    ``agent_snapshot_id``, ``plan_step``: of a dispatch round's decision, which is explained
+    from the round's snapshot when read (its ``choice`` then lists no candidates)."""
     candidates = [_candidate_row(c) for c in choice.candidates] if choice else []
-    snapshot_id, step = plan_step if plan_step is not None else (None, None)
     return {"id": decision_id or new_id(), "ticket_id": ticket_id, "decided_at": now_utc(), "trigger": trigger,
             "tier": tier, "outcome": outcome, "agent_id": agent_id, "required_skills": list(required_skills),
             "skills_relaxed": bool(choice and choice.skills_relaxed), "candidates": candidates,
             "detail": _not_in_tier_detail(detail, choice.not_in_tier if choice else 0, tier),
-            "agent_snapshot_id": snapshot_id, "plan_step": step}
+            "agent_snapshot_id": agent_snapshot_id, "plan_step": plan_step}
 
 
 def insert_agent_snapshot(session: Session, snapshot_id: str, planned_at: datetime, agents, plan: list,

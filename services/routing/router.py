@@ -468,8 +468,8 @@ class Router:
                         ops.decision_values(step.ticket.ticket_id, step.ticket.tier,
                                             sorted(step.ticket.required_skills), step.trigger, "assigning",
                                             step.choice, step.agent_id, decision_id=claim.decision_id,
-                                            plan_step=None if step.plan_step is None or snapshot is None
-                                            else (snapshot.id, step.plan_step))
+                                            agent_snapshot_id=snapshot.id if snapshot is not None else None,
+                                            plan_step=step.plan_step)
                         for step, claim in zip(won, claims)])
             if claims and snapshot is not None:
                 snapshot.written = True
