@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 
-from sqlalchemy import Text, bindparam, cast, func, insert, inspect as sa_inspect, select, update
+from sqlalchemy import Text, bindparam, cast, event, func, insert, inspect as sa_inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -102,15 +102,41 @@ def _counted_by(assignee_id: str | None, status: str | None) -> str | None:
 
 def set_assignment(session: Session, row: RoutedTicket, assignee_id: str | None, status: str) -> None:
     """The one way a mirrored ticket's assignee or status changes: moves the active-ticket count
-    between agents in the same transaction (the caller holds the ticket row's lock)."""
+    between agents in the same transaction (the caller holds the ticket row's lock). The counts
+    are written when the transaction commits (``_write_load_changes``)."""
     before, after = _counted_by(row.assignee_id, row.status), _counted_by(assignee_id, status)
     if before != after:
-        # agents in id order, as claims take them: no lock cycle between two agents' rows
-        for agent_id, delta in sorted(((before, -1), (after, 1)), key=lambda change: change[0] or ""):
-            if agent_id is not None:  # an id routing does not know updates nothing
-                session.execute(update(Agent).where(Agent.id == agent_id)
-                                .values(active_load=Agent.active_load + delta))
+        changes = session.info.setdefault(_LOAD_CHANGES, {})
+        for agent_id, delta in ((before, -1), (after, 1)):
+            if agent_id is not None:
+                changes[agent_id] = changes.get(agent_id, 0) + delta
     row.assignee_id, row.status = assignee_id, status
+
+
+# agent id -> change of its active_load, kept on the session until the commit
+_LOAD_CHANGES = "routing.agent_load_changes"
+
+
+@event.listens_for(Session, "before_commit")
+def _write_load_changes(session: Session) -> None:
+    """The agents' counts a transaction changed, written last and in agent id order. A batch of
+    ticket events locks its tickets in id order; had it updated each ticket's agents as it went,
+    the agents' rows would have been locked in ticket order, and two such transactions on
+    PostgreSQL could each hold an agent the other waits for (a deadlock, detected after a
+    second). Now every transaction locks tickets, then agents, each in id order, as claims do."""
+    changes = session.info.pop(_LOAD_CHANGES, None)
+    if not changes:
+        return
+    session.flush()  # the tickets' rows before the agents'
+    for agent_id in sorted(changes):
+        if changes[agent_id]:  # an id routing does not know updates nothing
+            session.execute(update(Agent).where(Agent.id == agent_id)
+                            .values(active_load=Agent.active_load + changes[agent_id]))
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_load_changes(session: Session) -> None:
+    session.info.pop(_LOAD_CHANGES, None)
 
 
 def reconcile_loads(session: Session) -> dict:

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 import eventlet
 from types import SimpleNamespace
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event as sqlalchemy_event, select, update
 from sqlalchemy.exc import OperationalError
 
 from contracts import routing as contract
@@ -665,6 +665,47 @@ def test_a_claim_transaction_that_fails_leaves_no_snapshot_and_the_next_round_ex
         used = set(session.scalars(select(Decision.agent_snapshot_id).where(Decision.agent_snapshot_id.is_not(None))))
     assert snapshots == used, "every snapshot has decisions, every decision its snapshot"
     assert _assert_read_back_as_recorded_before(routing, plans) == 5
+
+
+def test_a_transaction_writes_its_agents_counts_last_and_in_agent_id_order(routing, tickets):
+    # tickets are locked in id order, then agents in id order, in every transaction (as claims
+    # do): updating each ticket's agents as it went locked them in ticket order, and two such
+    # batches on PostgreSQL could deadlock
+    routing.agent("amy", presence="offline")
+    routing.agent("zed", presence="offline")
+    first, second = sorted((tickets.create(), tickets.create()), key=lambda t: t["id"])
+    routing.pump()
+    assigned = [dict(first, assignee_id="zed", status="open", version=2),
+                dict(second, assignee_id="amy", status="open", version=2)]
+    statements = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        statements.append((statement, parameters))
+
+    with routing.uow.transaction() as session:
+        engine = session.get_bind()
+        sqlalchemy_event.listen(engine, "before_cursor_execute", record)
+        try:
+            for snapshot in assigned:  # in ticket id order, as a batch applies them
+                ops.apply_snapshot(session, snapshot)
+        finally:
+            session.commit()
+            sqlalchemy_event.remove(engine, "before_cursor_execute", record)
+    agents_updated = [i for i, (sql, _) in enumerate(statements) if sql.startswith("UPDATE agents")]
+    tickets_touched = [i for i, (sql, _) in enumerate(statements) if "routed_tickets" in sql]
+    assert agents_updated and min(agents_updated) > max(tickets_touched), "agents after tickets"
+    assert [statements[i][1][-1] for i in agents_updated] == ["amy", "zed"], "agents in id order"
+    assert (routing.load("amy"), routing.load("zed")) == (1, 1)
+
+
+def test_a_rolled_back_change_of_assignee_leaves_the_counts_as_they_were(routing, tickets):
+    routing.agent("amy", presence="offline")
+    ticket = tickets.create()
+    routing.pump()
+    with routing.uow.transaction() as session:
+        ops.apply_snapshot(session, dict(ticket, assignee_id="amy", status="open", version=2))
+        session.rollback()  # the transaction goes on, and commits nothing of the above
+    assert routing.load("amy") == 0 and routing.row(ticket["id"])["assignee_id"] is None
 
 
 # --- the waiting decision is recorded once per queue entry -----------------------------------
