@@ -129,7 +129,7 @@ def _write_load_changes(session: Session) -> None:
         return
     session.flush()  # the tickets' rows before the agents'
     for agent_id in sorted(changes):
-        if changes[agent_id]:  # an id routing does not know updates nothing
+        if changes[agent_id]:  # moved away and back within the transaction: nothing to write
             session.execute(update(Agent).where(Agent.id == agent_id)
                             .values(active_load=Agent.active_load + changes[agent_id]))
 
@@ -305,6 +305,15 @@ _AGENT_STATE_COLUMNS = select(Agent.id, cast(Agent.tiers, Text), cast(Agent.skil
 _DECODED: dict = {}
 
 
+def _remember(cache: dict, key, value, limit: int):
+    """``value`` kept under ``key`` in one of this module's memo dicts (read with ``get``), the
+    dict emptied first once it holds more than ``limit``: bounded, whatever ids come by."""
+    if len(cache) > limit:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def _decoded(raw: str, names_of=None) -> frozenset:
     """A JSON list column's text as a frozenset of names, decoded once per distinct text (the
     same few tier and skill lists repeat across agents and tickets). ``names_of``: how to take a
@@ -312,10 +321,8 @@ def _decoded(raw: str, names_of=None) -> frozenset:
     key = (names_of is not None, raw)
     decoded = _DECODED.get(key)
     if decoded is None:
-        if len(_DECODED) > 20_000:
-            _DECODED.clear()
         items = json.loads(raw)
-        decoded = _DECODED[key] = frozenset(map(names_of, items) if names_of else items)
+        decoded = _remember(_DECODED, key, frozenset(map(names_of, items) if names_of else items), 20_000)
     return decoded
 
 
@@ -335,11 +342,10 @@ def agent_states(session: Session) -> list:
         key = tuple(row)
         state = _AGENT_STATES.get(key)
         if state is None:
-            if len(_AGENT_STATES) > 50_000:
-                _AGENT_STATES.clear()
             id_, tiers, skills, presence, capacity, load, last_assigned_at = key
-            state = _AGENT_STATES[key] = domain.AgentState(id_, _decoded(tiers), _decoded(skills, _skill_name),
-                                                           presence, capacity, load, last_assigned_at)
+            state = _remember(_AGENT_STATES, key, domain.AgentState(id_, _decoded(tiers), _decoded(skills, _skill_name),
+                                                                    presence, capacity, load, last_assigned_at),
+                              50_000)
         states.append(state)
     return states
 
@@ -829,11 +835,10 @@ _SNAPSHOT_ROWS: dict = {}  # AgentState -> its row in a snapshot (most repeat fr
 def _snapshot_row(agent: domain.AgentState) -> tuple:
     row = _SNAPSHOT_ROWS.get(agent)
     if row is None:
-        if len(_SNAPSHOT_ROWS) > 50_000:
-            _SNAPSHOT_ROWS.clear()
         # tuples: a row is shared by every snapshot that holds the agent unchanged
-        row = _SNAPSHOT_ROWS[agent] = (agent.id, tuple(sorted(agent.tiers)), tuple(sorted(agent.skills)),
-                                       agent.presence, agent.capacity, agent.load, _iso_idle_since(agent.idle_since))
+        row = _remember(_SNAPSHOT_ROWS, agent, (agent.id, tuple(sorted(agent.tiers)), tuple(sorted(agent.skills)),
+                                                agent.presence, agent.capacity, agent.load,
+                                                _iso_idle_since(agent.idle_since)), 50_000)
     return row
 
 
